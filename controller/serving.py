@@ -1,0 +1,241 @@
+"""OpenAI completions and chat completions over the engine client: one code path, two response formats.
+
+A request is turned into a `Generation` (prompt token ids, sampling parameters, stop strings) by its
+endpoint; from there streaming and non-streaming responses, usage counting, stop strings, timeouts,
+errors and client disconnects are handled once for both endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from controller.catalog import CatalogEntry
+from controller.engine_client import EngineClient
+from controller.errors import APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
+from controller.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_request_id, now_s
+from controller.registry import ServerConfig
+from controller.tokenizer import Detokenizer
+from controller.worker_handle import RequestStream
+from workers.messages import SamplingParams, TokenDelta
+
+ERROR_KINDS: dict[str | None, type[APIError]] = {
+    "invalid_request": InvalidRequest,
+    "unavailable": Unavailable,
+    "internal": WorkerFailed,
+    None: WorkerFailed,
+}
+
+
+@dataclass
+class Generation:
+    req_id: str
+    entry: CatalogEntry
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    stop: list[str] | None
+    stream: bool
+    include_usage: bool
+    created: int
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its response was ready; its request was aborted. Nobody acts."""
+
+
+class ResponseFormat(Protocol):
+    def chunk(self, gen: Generation, text: str, finish_reason: str | None, first: bool) -> dict: ...
+
+    def response(self, gen: Generation, text: str, finish_reason: str, usage: dict) -> dict: ...
+
+
+class CompletionFormat:
+    def chunk(self, gen, text, finish_reason, first):
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": gen.req_id, "object": "text_completion", "created": gen.created, "model": gen.entry.name, "choices": [choice]}
+
+    def response(self, gen, text, finish_reason, usage):
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": gen.req_id, "object": "text_completion", "created": gen.created, "model": gen.entry.name, "choices": [choice], "usage": usage}
+
+
+class ChatFormat:
+    def chunk(self, gen, text, finish_reason, first):
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": gen.req_id, "object": "chat.completion.chunk", "created": gen.created, "model": gen.entry.name, "choices": [choice]}
+
+    def response(self, gen, text, finish_reason, usage):
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
+        return {"id": gen.req_id, "object": "chat.completion", "created": gen.created, "model": gen.entry.name, "choices": [choice], "usage": usage}
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class OpenAIServing:
+    def __init__(self, catalog: dict[str, CatalogEntry], client: EngineClient, limits: ServerConfig):
+        self.catalog = catalog
+        self.client = client
+        self.limits = limits
+
+    # --- endpoints --------------------------------------------------------------------------------
+
+    def list_models(self) -> ModelList:
+        created = now_s()
+        return ModelList(data=[ModelCard(id=name, created=created, max_model_len=e.max_model_len) for name, e in self.catalog.items()])
+
+    async def completion(self, request: CompletionRequest, raw: Request):
+        entry = self._entry(request.model)
+        if isinstance(request.prompt, str):
+            prompt_ids = entry.tokenizer.encode(request.prompt)
+        else:
+            prompt_ids = list(request.prompt)
+            if max(prompt_ids) >= entry.arch.vocab_size:
+                raise InvalidRequest(f"token ids must be below the vocabulary size {entry.arch.vocab_size}", param="prompt")
+        gen = self._generation("cmpl", entry, request, prompt_ids, request.max_tokens)
+        return await self._respond(gen, CompletionFormat(), raw)
+
+    async def chat(self, request: ChatCompletionRequest, raw: Request):
+        entry = self._entry(request.model)
+        messages = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()} for msg in request.messages]
+        prompt_ids = entry.tokenizer.apply_chat_template(messages, request.add_generation_prompt)
+        gen = self._generation("chatcmpl", entry, request, prompt_ids, request.requested_max_tokens)
+        return await self._respond(gen, ChatFormat(), raw)
+
+    # --- preparation ------------------------------------------------------------------------------
+
+    def _entry(self, model: str) -> CatalogEntry:
+        entry = self.catalog.get(model)
+        if entry is None:
+            raise ModelNotFound(f"the model {model!r} does not exist; GET /v1/models lists the models", param="model")
+        return entry
+
+    def _generation(self, prefix: str, entry: CatalogEntry, request, prompt_ids: list[int], max_tokens: int | None) -> Generation:
+        num_prompt = len(prompt_ids)
+        if num_prompt == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        room = entry.max_model_len - num_prompt
+        if max_tokens is None:
+            max_tokens = room
+        if room <= 0 or max_tokens > room:
+            raise ContextLengthExceeded(
+                f"this model's maximum context length is {entry.max_model_len} tokens; the request has "
+                f"{num_prompt} prompt tokens and asks for {max_tokens} more",
+                param="max_tokens" if room > 0 else ("messages" if prefix == "chatcmpl" else "prompt"),
+            )
+        if request.min_tokens > max_tokens:
+            raise InvalidRequest("`min_tokens` must not exceed `max_tokens`", param="min_tokens")
+        stop_ids = request.stop_token_ids or []
+        if any(t >= entry.arch.vocab_size for t in stop_ids):
+            raise InvalidRequest(f"stop_token_ids must be below the vocabulary size {entry.arch.vocab_size}", param="stop_token_ids")
+        sampling = SamplingParams(
+            temperature=1.0 if request.temperature is None else request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=max(0, request.top_k or 0),
+            seed=request.seed,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            stop_token_ids=stop_ids,
+            ignore_eos=request.ignore_eos,
+        )
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return Generation(new_request_id(prefix), entry, prompt_ids, sampling, request.stop, request.stream, include_usage, now_s())
+
+    # --- running ----------------------------------------------------------------------------------
+
+    async def _respond(self, gen: Generation, fmt: ResponseFormat, raw: Request):
+        # Admission and the wait for a ready worker happen before the response starts, so that 429 / 503
+        # reach streaming clients as real statuses.
+        resources = contextlib.AsyncExitStack()
+        stream = await resources.enter_async_context(
+            self.client.open_stream(gen.req_id, gen.entry.name, gen.prompt_token_ids, gen.sampling)
+        )
+        if gen.stream:
+            return StreamingResponse(self._events(gen, fmt, stream, resources), media_type="text/event-stream")
+        async with resources:
+            return JSONResponse(await self._until_done_or_disconnect(self._collect(gen, fmt, stream), raw))
+
+    async def _collect(self, gen: Generation, fmt: ResponseFormat, stream: RequestStream) -> dict:
+        detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
+        finish_reason = None
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        while finish_reason is None:
+            finish_reason = self._advance(detok, await self._next(stream, deadline))
+        return fmt.response(gen, detok.delta(final=True), finish_reason, self._usage(gen, detok))
+
+    async def _events(self, gen: Generation, fmt: ResponseFormat, stream: RequestStream, resources: contextlib.AsyncExitStack) -> AsyncIterator[str]:
+        async with resources:
+            detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
+            deadline = time.monotonic() + self.limits.request_timeout_s
+            first = True
+            try:
+                finish_reason = None
+                while finish_reason is None:
+                    finish_reason = self._advance(detok, await self._next(stream, deadline))
+                    text = detok.delta(final=finish_reason is not None)
+                    if text or first or finish_reason:
+                        yield _sse(self._with_usage(fmt.chunk(gen, text, finish_reason, first), gen))
+                        first = False
+                if gen.include_usage:
+                    final = fmt.chunk(gen, "", None, False) | {"choices": [], "usage": self._usage(gen, detok)}
+                    yield _sse(final)
+            except APIError as exc:
+                yield _sse(exc.body())
+            yield _sse("[DONE]")
+
+    def _advance(self, detok: Detokenizer, delta: TokenDelta) -> str | None:
+        """Feed one delta; return the finish reason once the request is done."""
+        if delta.finish_reason == "error":
+            raise ERROR_KINDS.get(delta.error_kind, WorkerFailed)(delta.error or "the request failed")
+        detok.add(delta.token_ids)
+        if detok.stopped:
+            return "stop"
+        return delta.finish_reason
+
+    async def _next(self, stream: RequestStream, deadline: float) -> TokenDelta:
+        remaining = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(stream.next(), max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"the request did not finish within {self.limits.request_timeout_s:g} s") from None
+
+    def _with_usage(self, chunk: dict, gen: Generation) -> dict:
+        if gen.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    @staticmethod
+    def _usage(gen: Generation, detok: Detokenizer) -> dict:
+        prompt = len(gen.prompt_token_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": detok.num_tokens, "total_tokens": prompt + detok.num_tokens}
+
+    @staticmethod
+    async def _until_done_or_disconnect(work, raw: Request):
+        """Run `work`; if the client disconnects first, cancel it (which aborts the request and frees its KV)."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_disconnect(raw))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            raise ClientDisconnected()
+        return task.result()
+
+
+async def _wait_disconnect(raw: Request) -> None:
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return

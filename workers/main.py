@@ -1,0 +1,50 @@
+"""Worker process entry point: `python -m workers.main --controller tcp://HOST:PORT --device cpu`.
+
+The controller starts one per configured device; `prism worker` starts one by hand (e.g. on another host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import logging
+import signal
+import sys
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent exits, so no worker outlives its controller."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="prism worker", description=__doc__)
+    parser.add_argument("--controller", required=True, help="controller channel address, e.g. tcp://127.0.0.1:5555")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--worker-id", default=None, help="unique id (default: the device name)")
+    parser.add_argument("--budget-bytes", type=int, default=4 * 1024**3, help="page pool budget")
+    parser.add_argument("--page-bytes", type=int, default=2 * 1024**2)
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s worker[{args.device}] %(message)s")
+    if args.parent_pid is not None:
+        _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    from workers.worker import Worker, make_pool
+
+    pool = make_pool(args.device, args.budget_bytes, args.page_bytes)
+    Worker(args.worker_id or args.device, args.device, args.controller, pool, args.parent_pid).run()
+
+
+if __name__ == "__main__":
+    main()

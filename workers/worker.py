@@ -1,0 +1,248 @@
+"""The worker: one process per device, hosting the engines of every model resident on that device.
+
+One loop: drain the inbox (typed messages from the controller) -> the local scheduler plans a step ->
+that model's engine runs it -> token deltas go back to the controller in one message per step. Heartbeats
+carry the pool's and the models' state. Whatever goes wrong with one request (bad input, an engine error)
+finishes that request with an error delta; the worker itself keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+
+import torch
+import zmq
+
+from memory import PagePool
+from scheduler.local import LocalScheduler, ModelQueue, StepPlan
+from scheduler.sequence import Sequence
+from workers import messages as m
+from workers.engine.engine import Engine
+
+logger = logging.getLogger("prism.worker")
+
+HEARTBEAT_INTERVAL_S = 1.0
+
+
+def make_pool(device: str, budget_bytes: int, page_bytes: int) -> PagePool:
+    if device == "cpu":
+        from memory.host_backend import HostBackend
+
+        return PagePool(HostBackend(page_bytes), budget_bytes)
+    from memory.cuda_backend import CudaBackend
+
+    return PagePool(CudaBackend(device, page_bytes), budget_bytes)
+
+
+class Worker:
+    def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, parent_pid: int | None = None):
+        self.worker_id = worker_id
+        self.device = torch.device(device)
+        self.pool = pool
+        self.parent_pid = parent_pid
+        self.scheduler = LocalScheduler()
+        self.engines: dict[str, Engine] = {}
+        self.stopping = False
+        self._last_heartbeat = 0.0
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self._socket.setsockopt(zmq.LINGER, 1000)
+        self._socket.connect(controller_address)
+        self._handlers = {
+            m.LoadModel: self._on_load_model,
+            m.UnloadModel: self._on_unload_model,
+            m.Generate: self._on_generate,
+            m.Abort: self._on_abort,
+            m.Shutdown: self._on_shutdown,
+        }
+
+    # --- main loop --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._send(m.WorkerReady(self.worker_id, str(self.device), os.getpid(), self.pool.budget_pages * self.pool.page_bytes))
+        try:
+            while not self.stopping:
+                self._drain_inbox(timeout_ms=0 if self.scheduler.has_work() else 50)
+                self._step()
+                self._heartbeat_if_due()
+        finally:
+            for engine in self.engines.values():
+                engine.close()
+            self._socket.close()
+            self._context.term()
+
+    def _drain_inbox(self, timeout_ms: int) -> None:
+        if not self._socket.poll(timeout_ms):
+            return
+        while True:
+            try:
+                data = self._socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            message = m.decode_to_worker(data)
+            self._handlers[type(message)](message)
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return
+        try:
+            sampled = self.engines[plan.model].execute(plan)
+        except Exception:  # an engine bug must fail this step's requests, not the worker
+            logger.error("step of %s failed:\n%s", plan.model, traceback.format_exc())
+            self._fail_plan(plan, "internal engine error (see the worker log)")
+            return
+        finished = self.scheduler.update(plan, sampled)
+        self._publish(plan, sampled, finished)
+
+    def _publish(self, plan: StepPlan, sampled: dict[str, int], finished: list[Sequence]) -> None:
+        engine = self.engines[plan.model]
+        reasons = {seq.req_id: seq.finish_reason for seq in finished}
+        deltas = [m.TokenDelta(req_id, [token], reasons.get(req_id)) for req_id, token in sampled.items()]
+        deltas += [
+            m.TokenDelta(seq.req_id, [], "error", "the prompt does not fit this model's KV cache", "invalid_request")
+            for seq in plan.rejected
+        ]
+        for req_id in reasons:
+            engine.release(req_id)
+        if deltas:
+            self._send(m.StepOutputs(deltas))
+
+    def _fail_plan(self, plan: StepPlan, error: str) -> None:
+        deltas = []
+        for chunk in plan.chunks:
+            if self.scheduler.abort(chunk.seq.req_id) is not None:
+                self.engines[plan.model].release(chunk.seq.req_id)
+                deltas.append(m.TokenDelta(chunk.seq.req_id, [], "error", error, "internal"))
+        self._send(m.StepOutputs(deltas))
+
+    def _heartbeat_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heartbeat < HEARTBEAT_INTERVAL_S:
+            return
+        self._last_heartbeat = now
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            logger.warning("controller (pid %d) is gone; worker exits", self.parent_pid)
+            self.stopping = True
+            return
+        self.pool.replenish_reserve()
+        self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps))
+
+    # --- handlers ---------------------------------------------------------------------------------
+
+    def _on_load_model(self, message: m.LoadModel) -> None:
+        spec = message.spec
+        if spec.name in self.engines:
+            engine = self.engines[spec.name]
+            self._send(m.ModelLoaded(spec.name, None, engine.weight_bytes, 0.0, engine.kv.max_blocks))
+            return
+        try:
+            engine = Engine(spec, self.device, self.pool)
+        except Exception as exc:  # report any load failure to the controller, which fails the model's requests
+            logger.error("loading %s failed:\n%s", spec.name, traceback.format_exc())
+            self._send(m.ModelLoaded(spec.name, f"{type(exc).__name__}: {exc}"))
+            return
+        self.engines[spec.name] = engine
+        self.scheduler.add_model(
+            ModelQueue(
+                name=spec.name,
+                allocator=engine.kv,
+                block_size=spec.block_size,
+                max_num_seqs=spec.max_num_seqs,
+                max_num_batched_tokens=spec.max_num_batched_tokens,
+                ttft_slo_s=spec.ttft_slo_s,
+                tpot_slo_s=spec.tpot_slo_s,
+                priority=spec.priority,
+            )
+        )
+        logger.info("loaded %s in %.2f s (%.1f MiB of weights)", spec.name, engine.load_s, engine.weight_bytes / 2**20)
+        self._send(m.ModelLoaded(spec.name, None, engine.weight_bytes, engine.load_s, engine.kv.max_blocks))
+
+    def _on_unload_model(self, message: m.UnloadModel) -> None:
+        engine = self.engines.pop(message.name, None)
+        if engine is not None:
+            orphans = self.scheduler.remove_model(message.name)
+            if orphans:
+                self._send(m.StepOutputs([m.TokenDelta(s.req_id, [], "error", "the model was unloaded", "unavailable") for s in orphans]))
+            engine.close()
+        self._send(m.ModelUnloaded(message.name))
+
+    def _on_generate(self, message: m.Generate) -> None:
+        engine = self.engines.get(message.model)
+        error = None
+        if engine is None:
+            error = f"model {message.model!r} is not loaded on this worker"
+        elif not message.prompt_token_ids:
+            error = "empty prompt"
+        elif len(message.prompt_token_ids) + message.sampling.max_tokens > engine.spec.max_model_len:
+            error = f"prompt + max_tokens exceeds the context of {engine.spec.max_model_len} tokens"
+        elif max(message.prompt_token_ids) >= engine.arch.vocab_size or min(message.prompt_token_ids) < 0:
+            error = f"token ids must be in [0, {engine.arch.vocab_size})"
+        if error is not None:
+            kind = "unavailable" if engine is None else "invalid_request"
+            self._send(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", error, kind)]))
+            return
+        params = message.sampling
+        spec = engine.spec
+        self.scheduler.add(
+            Sequence(
+                req_id=message.req_id,
+                model=message.model,
+                prompt_token_ids=list(message.prompt_token_ids),
+                max_tokens=params.max_tokens,
+                arrival_s=message.arrival_s,
+                sampling=params,
+                min_tokens=params.min_tokens,
+                stop_token_ids=frozenset(params.stop_token_ids),
+                eos_token_ids=frozenset() if params.ignore_eos else frozenset(spec.eos_token_ids),
+                max_model_len=spec.max_model_len,
+                ttft_deadline_s=message.arrival_s + spec.ttft_slo_s,
+            )
+        )
+
+    def _on_abort(self, message: m.Abort) -> None:
+        for req_id in message.req_ids:
+            seq = self.scheduler.abort(req_id)
+            if seq is not None:
+                self.engines[seq.model].release(req_id)
+
+    def _on_shutdown(self, message: m.Shutdown) -> None:
+        self.stopping = True
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def model_stats(self) -> list[m.ModelStats]:
+        stats = []
+        for name, engine in self.engines.items():
+            queue = self.scheduler.queues[name]
+            stats.append(
+                m.ModelStats(
+                    name=name,
+                    num_waiting=len(queue.waiting),
+                    num_running=len(queue.running),
+                    num_kv_blocks_used=engine.kv.num_used_blocks,
+                    num_kv_blocks_total=engine.kv.max_blocks,
+                    kv_pages_mapped=engine.kv.num_mapped_pages,
+                    weight_bytes=engine.weight_bytes,
+                )
+            )
+        return stats
+
+    def pool_stats(self) -> m.PoolStats:
+        snap = self.pool.snapshot()
+        return m.PoolStats(
+            budget_bytes=snap.budget_pages * snap.page_bytes,
+            page_bytes=snap.page_bytes,
+            pages_mapped=snap.pages_mapped,
+            pages_free=snap.pages_free,
+            pages_reserved=snap.pages_reserved,
+            kv_pages_by_model=snap.kv_pages,
+            weight_pages_by_model=snap.weight_pages,
+        )
+
+    def _send(self, message) -> None:
+        self._socket.send(m.encode(message))
