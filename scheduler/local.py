@@ -1,23 +1,36 @@
 """The local (per-device) scheduler: one queue for all co-located models, one step plan at a time.
 
 Every step it picks one model (iteration-level time sharing of the device) and forms that model's batch:
-running sequences first (decodes, then unfinished prefill chunks), then waiting ones admitted in queue
-order while the token budget, the sequence cap and the KV memory allow (chunked prefill: a long prompt
-takes several steps). A sequence is admitted only when its KV blocks can be allocated; when a running
-sequence cannot grow, the newest running sequence of that model is preempted (its blocks freed; it is
-recomputed later), so that nothing is lost and the older ones finish.
+running sequences first (decodes, then unfinished prefill chunks), then waiting ones admitted in the
+policy's order while the token budget, the sequence cap and the KV memory allow (chunked prefill: a
+long prompt takes several steps). A sequence is admitted only when its KV blocks can be allocated; when
+a running sequence cannot grow, the policy's victim among the model's running sequences is preempted
+(its blocks freed; it is recomputed later), so that nothing is lost. A victim that was already given a
+chunk in this step loses that chunk: a planned chunk always has its blocks.
 
-Which model runs is a policy (`pick_model`); the default here is round-robin among models with work.
+The policy (`local_policy.py`) decides which model runs, admission order and victims: `prism` (default:
+urgency across models, Moore-Hodgson over TTFT deadlines, longest-remaining-decode victim) or `fcfs`
+(round-robin, FIFO, newest victim). Deadlines need the current time: `schedule(now)` and `update(plan,
+sampled, now)` take it, defaulting to the injected `clock`. The clock must be the one `arrival_s` and
+`ttft_deadline_s` are stamped with: the controller stamps wall-clock `time.time()`, hence the default.
+`update` also measures each step's prefill speed (time between `schedule` and `update`) so that
+predicted prefill times follow the device.
+
 Pure logic: no I/O, no torch; block allocation goes through the `KVAllocator` each model registers.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from scheduler.local_policy import LocalPolicy, PickModel, make_local_policy, round_robin
+from scheduler.prefill_order import PrefillSpeed
 from scheduler.sequence import Sequence, SeqStatus
+
+__all__ = ["KVAllocator", "LocalScheduler", "ModelQueue", "PickModel", "ScheduledChunk", "StepPlan", "round_robin"]
 
 
 class KVAllocator(Protocol):
@@ -70,20 +83,23 @@ class StepPlan:
     rejected: list[Sequence]  # can never fit this model's KV space: finished with an error
 
 
-PickModel = Callable[[list[ModelQueue], int], list[ModelQueue]]
-
-
-def round_robin(queues: list[ModelQueue], step: int) -> list[ModelQueue]:
-    """Models with work, least recently run first."""
-    return sorted((q for q in queues if q.has_work), key=lambda q: (q.last_step, -q.priority))
-
-
 class LocalScheduler:
-    def __init__(self, pick_model: PickModel = round_robin):
+    def __init__(
+        self,
+        pick_model: str | PickModel = "prism",
+        *,
+        clock: Callable[[], float] = time.time,
+        prefill_speed: PrefillSpeed | None = None,
+    ):
+        """`pick_model`: a policy name (`prism`, `fcfs`) or a legacy model-order callable (FCFS otherwise)."""
         self.queues: dict[str, ModelQueue] = {}
-        self.pick_model = pick_model
+        self.clock = clock
+        self.prefill_speed = prefill_speed if prefill_speed is not None else PrefillSpeed()
+        self.policy: LocalPolicy = make_local_policy(pick_model, self.prefill_speed)
         self.num_steps = 0
         self._by_req_id: dict[str, Sequence] = {}
+        self._last_plan: StepPlan | None = None
+        self._last_plan_s = 0.0
 
     # --- models and requests ----------------------------------------------------------------------
 
@@ -132,18 +148,21 @@ class LocalScheduler:
 
     # --- one step ---------------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan | None:
+    def schedule(self, now: float | None = None) -> StepPlan | None:
         """Plan the next step, or None when no model has work that can run now."""
-        for queue in self.pick_model(list(self.queues.values()), self.num_steps):
-            plan = self._plan_model(queue)
+        now = self.clock() if now is None else now
+        order = self.policy.order(list(self.queues.values()), self.num_steps, now)
+        for queue in order.models:
+            plan = self._plan_model(queue, order.admission.get(queue.name, []), now)
             if plan.chunks or plan.rejected:
-                queue.last_step = self.num_steps
-                self.num_steps += 1
-                return plan
-        return self._break_memory_deadlock()
+                return self._started(queue, plan, now)
+        plan = self._break_memory_deadlock(now)
+        return None if plan is None else self._started(self.queues[plan.model], plan, now)
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
+    def update(self, plan: StepPlan, sampled: dict[str, int], now: float | None = None) -> list[Sequence]:
         """Apply a step's results: advance computed tokens, append sampled ones; return finished sequences."""
+        now = self.clock() if now is None else now
+        self._observe_speed(plan, now)
         queue = self.queues[plan.model]
         finished = []
         for chunk in plan.chunks:
@@ -154,6 +173,9 @@ class LocalScheduler:
             token = sampled.get(seq.req_id)
             if token is None:
                 continue
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+            seq.last_token_s = now
             reason = seq.append_token(token)
             if reason is not None:
                 queue.running.remove(seq)
@@ -164,44 +186,48 @@ class LocalScheduler:
 
     # --- internals --------------------------------------------------------------------------------
 
-    def _plan_model(self, queue: ModelQueue) -> StepPlan:
-        budget = queue.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
+    def _plan_model(self, queue: ModelQueue, admission: list[Sequence], now: float) -> StepPlan:
+        batch = _Batch(queue.max_num_batched_tokens)
         preempted: list[Sequence] = []
         rejected: list[Sequence] = []
         # Running sequences: decodes (one token) come first, then unfinished prefills.
-        running = sorted(queue.running, key=lambda s: s.is_prefilling)
-        for seq in running:
-            if budget <= 0 or seq.status is not SeqStatus.RUNNING:
+        for seq in sorted(queue.running, key=lambda s: s.is_prefilling):
+            if batch.budget <= 0 or seq.status is not SeqStatus.RUNNING:
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            while not self._grow(queue, seq, num_new):
-                victim = queue.running[-1]
-                self._preempt(queue, victim)
-                preempted.append(victim)
-                if victim is seq:
-                    break
+            num_new = min(seq.num_uncomputed_tokens, batch.budget)
+            preempted += self._make_room(queue, seq, num_new, batch, now)
             if seq.status is SeqStatus.RUNNING:
-                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
-                budget -= num_new
-        # Waiting sequences, in queue order, while budget, cap and memory allow.
-        while queue.waiting and budget > 0 and len(queue.running) < queue.max_num_seqs and not preempted:
-            seq = queue.waiting[0]
+                batch.add(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+        # Waiting sequences, in the policy's order, while budget, cap and memory allow.
+        for seq in admission:
+            if batch.budget <= 0 or len(queue.running) >= queue.max_num_seqs or preempted:
+                break
             if queue.blocks_needed(seq, min(seq.num_tokens + 1, seq.max_model_len)) > queue.allocator.max_blocks:
-                queue.waiting.popleft()
+                queue.waiting.remove(seq)
                 self._release(queue, seq)
                 seq.finish_reason = "error"
                 rejected.append(seq)
                 continue
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(seq.num_uncomputed_tokens, batch.budget)
             if not self._grow(queue, seq, num_new):
-                break  # admission by memory: wait until blocks are freed
-            queue.waiting.popleft()
+                break  # admission by memory: the most urgent waits until blocks are freed, nobody jumps it
+            queue.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             queue.running.append(seq)
-            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
-            budget -= num_new
-        return StepPlan(queue.name, chunks, preempted, rejected)
+            batch.add(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
+        return StepPlan(queue.name, list(batch.chunks.values()), preempted, rejected)
+
+    def _make_room(self, queue: ModelQueue, seq: Sequence, num_new: int, batch: _Batch, now: float) -> list[Sequence]:
+        """Grow `seq` by `num_new` tokens, preempting the policy's victims until it fits (or it is the victim)."""
+        preempted: list[Sequence] = []
+        while not self._grow(queue, seq, num_new):
+            victim = self.policy.victim(list(queue.running), now)
+            batch.drop(victim)  # its blocks are about to be freed: it must not run this step
+            self._preempt(queue, victim)
+            preempted.append(victim)
+            if victim is seq:
+                break
+        return preempted
 
     def _grow(self, queue: ModelQueue, seq: Sequence, num_new: int) -> bool:
         needed = queue.blocks_needed(seq, seq.num_computed_tokens + num_new)
@@ -229,11 +255,45 @@ class LocalScheduler:
         seq.status = SeqStatus.FINISHED
         self._by_req_id.pop(seq.req_id, None)
 
-    def _break_memory_deadlock(self) -> StepPlan | None:
-        """No model could run: memory is held by other models' stalled sequences. Preempt the newest one."""
-        stalled = [(seq.arrival_s, q, seq) for q in self.queues.values() for seq in q.running]
+    def _break_memory_deadlock(self, now: float) -> StepPlan | None:
+        """No model could run: memory is held by other models' stalled sequences. Preempt the policy's victim."""
+        stalled = [seq for q in self.queues.values() for seq in q.running]
         if not stalled:
             return None
-        _, queue, victim = max(stalled, key=lambda item: item[0])
-        self._preempt(queue, victim)
-        return StepPlan(queue.name, [], [victim], [])
+        victim = self.policy.victim(stalled, now)
+        self._preempt(self.queues[victim.model], victim)
+        return StepPlan(victim.model, [], [victim], [])
+
+    def _started(self, queue: ModelQueue, plan: StepPlan, now: float) -> StepPlan:
+        queue.last_step = self.num_steps
+        self.num_steps += 1
+        self._last_plan, self._last_plan_s = plan, now
+        return plan
+
+    def _observe_speed(self, plan: StepPlan, now: float) -> None:
+        """Learn prefill speed from the step just run: its prefill tokens over the time since it was planned.
+
+        Decodes batched into the same step make the estimate slightly pessimistic, which errs on the side
+        of starting prefills early.
+        """
+        if plan is not self._last_plan:
+            return
+        num_prefill = sum(c.num_new_tokens for c in plan.chunks if c.start < c.seq.num_prompt_tokens)
+        self.prefill_speed.observe(plan.model, num_prefill, now - self._last_plan_s)
+
+
+class _Batch:
+    """The chunks of the step being formed (insertion-ordered) and the token budget left."""
+
+    def __init__(self, budget: int):
+        self.chunks: dict[Sequence, ScheduledChunk] = {}
+        self.budget = budget
+
+    def add(self, chunk: ScheduledChunk) -> None:
+        self.chunks[chunk.seq] = chunk
+        self.budget -= chunk.num_new_tokens
+
+    def drop(self, seq: Sequence) -> None:
+        chunk = self.chunks.pop(seq, None)
+        if chunk is not None:
+            self.budget += chunk.num_new_tokens

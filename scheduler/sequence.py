@@ -32,7 +32,8 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # scheduler clock when the first output token was sampled
+    last_token_s: float | None = None  # ...and the latest one: with the model's TPOT SLO, the next deadline
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -53,6 +54,11 @@ class Sequence:
     @property
     def is_prefilling(self) -> bool:
         return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def awaits_first_token(self) -> bool:
+        """True until the first output token: the TTFT deadline applies, not the TPOT one."""
+        return not self.output_token_ids
 
     def token_ids(self, start: int, stop: int) -> list[int]:
         prompt = self.prompt_token_ids

@@ -1,0 +1,186 @@
+"""Policies of the local scheduler: which model steps next, in which order each model admits its waiting
+requests, and which running sequence gives its memory back under pressure.
+
+`prism` (default) is DESIGN.md section 5, local level:
+- One ordering of all prefills on the device, across models: Moore-Hodgson over TTFT deadlines
+  (`prefill_order.py`). Each model admits its waiting requests in that order; requests that the
+  ordering drops (they would miss anyway) come after the ones that can still make it.
+- The model that steps next is the one whose most urgent work must start soonest: for a prefill that
+  can still meet its TTFT, the deadline minus its predicted prefill time; for a decode, the last token's
+  time plus the model's TPOT SLO (a step's own time is small and similar across models, so it is left
+  out). Prefills that are already late, or have no deadline, are best-effort: they run when the most
+  urgent savable work can afford one of their steps, so they progress whenever slack exists and only
+  wait under real overload (then they are exactly the requests Moore-Hodgson chose to sacrifice).
+- Preemption victim: the running sequence with the longest remaining decode (newest on ties); it would
+  hold and grow its blocks longest, and the ones close to done finish and free theirs.
+
+`fcfs` is the simple baseline (and the behaviour before this policy existed): models round-robin,
+least recently stepped first; FIFO admission; the newest arrival is preempted.
+
+Policies return decisions as data (`StepOrder`, a victim); `LocalScheduler` carries them out.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Protocol
+
+from scheduler.prefill_order import PrefillSpeed, moore_hodgson
+from scheduler.sequence import Sequence, SeqStatus
+
+if TYPE_CHECKING:
+    from scheduler.local import ModelQueue
+
+PickModel = Callable[[list["ModelQueue"], int], list["ModelQueue"]]
+"""Legacy hook: given the queues and the step number, the models with work in the order to try them."""
+
+
+@dataclass(frozen=True)
+class StepOrder:
+    models: list[ModelQueue]  # models to try, in order; the first with a runnable batch steps
+    admission: dict[str, list[Sequence]]  # per model: its waiting sequences in admission order
+
+
+class LocalPolicy(Protocol):
+    name: str
+
+    def order(self, queues: list[ModelQueue], step: int, now: float) -> StepOrder: ...
+
+    def victim(self, candidates: list[Sequence], now: float) -> Sequence:
+        """The sequence to preempt among running `candidates` (non-empty)."""
+        ...
+
+
+def round_robin(queues: list[ModelQueue], step: int) -> list[ModelQueue]:
+    """Models with work, least recently run first."""
+    return sorted((q for q in queues if q.has_work), key=lambda q: (q.last_step, -q.priority))
+
+
+def newest_arrival(candidates: list[Sequence]) -> Sequence:
+    # max() keeps the first maximum; reversed() makes ties go to the most recently admitted.
+    return max(reversed(candidates), key=lambda s: s.arrival_s)
+
+
+class FcfsPolicy:
+    """Round-robin across models (or a custom `pick_model`), FIFO within a model, newest preempted."""
+
+    name = "fcfs"
+
+    def __init__(self, pick_model: PickModel = round_robin):
+        self.pick_model = pick_model
+
+    def order(self, queues: list[ModelQueue], step: int, now: float) -> StepOrder:
+        return StepOrder(self.pick_model(queues, step), {q.name: list(q.waiting) for q in queues})
+
+    def victim(self, candidates: list[Sequence], now: float) -> Sequence:
+        return newest_arrival(candidates)
+
+
+@dataclass(frozen=True)
+class ModelUrgency:
+    """Why a model is (not) next, as data: useful in tests and for explaining decisions."""
+
+    queue: ModelQueue
+    start_by_s: float  # latest start of its most urgent savable work; inf if it has none
+    best_effort: Sequence | None  # its first best-effort prefill (late or without deadline), if any
+    best_effort_step_s: float  # predicted time of one step of that prefill
+
+
+class PrismPolicy:
+    """Urgency across models, Moore-Hodgson within the device, longest-remaining-decode preemption."""
+
+    name = "prism"
+
+    def __init__(self, speed: PrefillSpeed):
+        self.speed = speed
+
+    def order(self, queues: list[ModelQueue], step: int, now: float) -> StepOrder:
+        # Predicted prefill seconds of every sequence that awaits its first token, computed once a step.
+        prefill_s: dict[Sequence, float] = {}
+        for queue in queues:
+            tokens_per_s = self.speed.tokens_per_s(queue.name)
+            for seq in (*queue.running, *queue.waiting):
+                if seq.awaits_first_token:
+                    prefill_s[seq] = seq.num_uncomputed_tokens / tokens_per_s
+        ordering = moore_hodgson(prefill_s, now, lambda s: s.ttft_deadline_s, prefill_s.__getitem__)
+        late = set(ordering.late)
+        admission: dict[str, list[Sequence]] = {q.name: [s for s in q.waiting if not s.awaits_first_token] for q in queues}
+        for seq in ordering.order:
+            if seq.status is SeqStatus.WAITING:
+                admission[seq.model].append(seq)
+        urgencies = [self.urgency(q, now, late, prefill_s) for q in queues if q.has_work]
+        return StepOrder(self._model_order(urgencies, now), admission)
+
+    def victim(self, candidates: list[Sequence], now: float) -> Sequence:
+        return max(reversed(candidates), key=lambda s: (s.max_tokens - s.num_output_tokens, s.arrival_s))
+
+    def urgency(self, queue: ModelQueue, now: float, late: set[Sequence], prefill_s: dict[Sequence, float]) -> ModelUrgency:
+        """`prefill_s`: predicted prefill seconds of the sequences awaiting their first token."""
+        start_by = math.inf
+        best_effort: Sequence | None = None
+        for seq in (*queue.running, *queue.waiting):
+            if not seq.awaits_first_token:  # decoding, or a preempted decode waiting to be recomputed
+                last = seq.last_token_s if seq.last_token_s is not None else now
+                recompute_s = self._prefill_s(seq) if seq.status is SeqStatus.WAITING else 0.0
+                start_by = min(start_by, last + queue.tpot_slo_s - recompute_s)
+            elif seq in late or math.isinf(seq.ttft_deadline_s):
+                if best_effort is None or _deadline_key(seq) < _deadline_key(best_effort):
+                    best_effort = seq
+            else:
+                start_by = min(start_by, seq.ttft_deadline_s - prefill_s[seq])
+        if best_effort is None:
+            return ModelUrgency(queue, start_by, None, 0.0)
+        step_tokens = max(1, min(best_effort.num_uncomputed_tokens, queue.max_num_batched_tokens))
+        return ModelUrgency(queue, start_by, best_effort, self.speed.predict_s(queue.name, step_tokens))
+
+    def _model_order(self, urgencies: list[ModelUrgency], now: float) -> list[ModelQueue]:
+        savable = sorted(
+            (u for u in urgencies if math.isfinite(u.start_by_s)),
+            key=lambda u: (u.start_by_s, u.queue.last_step, -u.queue.priority),
+        )
+        best_effort = sorted(
+            (u for u in urgencies if u.best_effort is not None),
+            key=lambda u: (u.best_effort.ttft_deadline_s, u.queue.last_step, -u.queue.priority),
+        )
+        order = [u.queue for u in savable]
+        if best_effort:
+            head = best_effort[0]
+            # Fill slack: the most urgent savable work can wait one best-effort step without missing.
+            if not savable or savable[0].start_by_s - now >= head.best_effort_step_s:
+                order.insert(0, head.queue)
+        # Every model with work stays in the list (after the urgent ones), so memory-blocked models
+        # never leave the device idle while another could run.
+        order += [u.queue for u in best_effort]
+        return _unique(order)
+
+    def _prefill_s(self, seq: Sequence) -> float:
+        return self.speed.predict_s(seq.model, seq.num_uncomputed_tokens)
+
+
+def _deadline_key(seq: Sequence) -> tuple[float, float]:
+    return seq.ttft_deadline_s, seq.arrival_s
+
+
+def _unique(queues: list[ModelQueue]) -> list[ModelQueue]:
+    seen: set[str] = set()
+    result = []
+    for queue in queues:
+        if queue.name not in seen:
+            seen.add(queue.name)
+            result.append(queue)
+    return result
+
+
+POLICIES = ("prism", "fcfs")
+
+
+def make_local_policy(pick_model: str | PickModel, speed: PrefillSpeed) -> LocalPolicy:
+    """A policy by name (`prism`, `fcfs`; `round_robin` is an alias of `fcfs`), or FCFS with a custom pick."""
+    if callable(pick_model):
+        return FcfsPolicy(pick_model)
+    if pick_model == "prism":
+        return PrismPolicy(speed)
+    if pick_model in ("fcfs", "round_robin"):
+        return FcfsPolicy()
+    raise ValueError(f"unknown local scheduling policy {pick_model!r}; expected one of {POLICIES}")

@@ -1,0 +1,209 @@
+"""The prism global policy: activation, eviction by expected cost, migration with hysteresis and cooldown."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from scheduler.cluster import Activate, ClusterState, Evict, Migrate, ModelState
+from scheduler.placement import GlobalScheduler, PlacementConfig
+from scheduler.pressure import PressureModel
+from tests.scheduler.factories import GB, cluster, device, model
+
+NO_RESERVE = PressureModel(min_kv_reserve_tokens=0)
+
+
+def scheduler(**overrides) -> GlobalScheduler:
+    return GlobalScheduler("prism", PlacementConfig(pressure=NO_RESERVE, **overrides))
+
+
+def apply(state: ClusterState, actions: list) -> ClusterState:
+    """What the controller does with the actions, completed at once."""
+    models = {m.name: m for m in state.models}
+    for action in actions:
+        m = models[action.model]
+        if isinstance(action, Activate):
+            models[m.name] = dataclasses.replace(m, device_id=action.device, state=ModelState.ACTIVE)
+        elif isinstance(action, Evict):
+            models[m.name] = dataclasses.replace(m, device_id=None, state=ModelState.INACTIVE)
+        elif isinstance(action, Migrate):
+            models[m.name] = dataclasses.replace(m, device_id=action.dst)
+    return ClusterState(state.devices, tuple(models.values()))
+
+
+def with_demand(state: ClusterState, name: str, demand: float) -> ClusterState:
+    models = tuple(
+        dataclasses.replace(m, rates=dataclasses.replace(m.rates, prompt_token_rate=demand)) if m.name == name else m
+        for m in state.models
+    )
+    return ClusterState(state.devices, models)
+
+
+# --- activation and eviction ----------------------------------------------------------------------
+
+
+def test_activation_goes_to_the_least_pressured_device_that_fits():
+    state = cluster(
+        [device("small", 20), device("busy", 80), device("quiet", 80)],
+        [model("hot", demand=50, weight_gb=10, on="busy"), model("cold", demand=1, weight_gb=10, on="quiet"),
+         model("new", demand=5, weight_gb=30, num_inflight=1)],
+    )
+    assert scheduler().on_arrival(0.0, "new", state) == [Activate("new", "quiet")]
+    assert scheduler().on_arrival(0.0, "hot", state) == []  # resident: nothing to do
+
+
+def test_eviction_picks_the_lowest_expected_cost_not_the_least_recently_used():
+    now = 1000.0
+    state = cluster(
+        [device("g0", 90)],
+        [
+            # Used 55 s ago (least recent) but in a burst: 30 requests in the window, sure to return.
+            model("bursty", weight_gb=25, on="g0", request_rate=0.5, last_arrival_s=now - 55),
+            # Used 50 s ago, once: larger, yet a reload is less likely to be needed soon.
+            model("rare", weight_gb=30, on="g0", request_rate=1 / 60, last_arrival_s=now - 50),
+            model("new", weight_gb=40, num_inflight=1),
+        ],
+    )
+    assert scheduler().on_arrival(now, "new", state) == [Evict("rare", "g0", "make room for new"), Activate("new", "g0")]
+
+
+def test_never_evicts_pinned_busy_or_recently_used_models_and_retries_once_one_turns_idle():
+    now = 1000.0
+    state = cluster(
+        [device("g0", 60)],
+        [
+            model("pinned", weight_gb=20, on="g0", pinned=True, last_arrival_s=0.0),
+            model("busy", weight_gb=20, on="g0", num_inflight=2, last_arrival_s=0.0),
+            model("recent", weight_gb=15, on="g0", last_arrival_s=now - 10),
+            model("new", weight_gb=10, num_inflight=1),
+        ],
+    )
+    global_scheduler = scheduler(idle_evict_s=45.0)
+    assert global_scheduler.on_arrival(now, "new", state) == []  # the request waits
+    assert global_scheduler.plan(now + 20, state) == []
+    assert global_scheduler.plan(now + 40, state) == [Evict("recent", "g0", "make room for new"), Activate("new", "g0")]
+
+
+def test_kv_pressure_evicts_the_cheapest_idle_model_only_past_the_watermark():
+    now = 1000.0
+
+    def state(kv_gb_in_use: float) -> ClusterState:
+        return cluster(
+            [device("g0", 80)],
+            [model("serving", weight_gb=20, on="g0", num_inflight=9, kv_gb_in_use=kv_gb_in_use, last_arrival_s=now),
+             model("idle-a", weight_gb=10, on="g0", last_arrival_s=now - 100),
+             model("idle-b", weight_gb=10, on="g0", last_arrival_s=now - 1000)],
+        )
+
+    assert scheduler().plan(now, state(kv_gb_in_use=30)) == []  # 30 of 40 GB: below 90 %
+    assert scheduler().plan(now, state(kv_gb_in_use=37)) == [Evict("idle-b", "g0", "kv memory pressure")]
+
+
+def test_hard_idle_limit_evicts_without_memory_need_only_when_configured():
+    state = cluster([device("g0", 80)], [model("idle", weight_gb=10, on="g0", last_arrival_s=0.0)])
+    assert scheduler().plan(10_000.0, state) == []
+    assert scheduler(max_idle_s=600.0).plan(10_000.0, state) == [Evict("idle", "g0", "idle for more than 600 s")]
+
+
+# --- migration ------------------------------------------------------------------------------------
+
+
+def hot_pairs() -> ClusterState:
+    return cluster(
+        [device("g0", 100), device("g1", 100), device("g2", 100), device("g3", 100)],
+        [model("a", 10, on="g0"), model("b", 10, on="g0"), model("c", 10, on="g1"), model("d", 10, on="g1")],
+    )
+
+
+def test_at_most_one_migration_per_cycle_and_the_next_cycle_continues():
+    global_scheduler = scheduler()
+    state = hot_pairs()
+    first = global_scheduler.plan(0.0, state)
+    assert len(first) == 1 and isinstance(first[0], Migrate)
+    state = apply(state, first)
+    second = global_scheduler.plan(1.0, state)
+    assert len(second) == 1 and isinstance(second[0], Migrate) and second[0].model != first[0].model
+    state = apply(state, second)
+    assert global_scheduler.plan(2.0, state) == []  # balanced: one model per device
+    assert sorted(m.device_id for m in state.models) == ["g0", "g1", "g2", "g3"]
+
+
+def ping_pong_state() -> ClusterState:
+    # g0: x (10.5) + z (1) = 11.5 vs g1: y (10). Moving z gains 4 %; when x drops to 9.5, moving it back does too.
+    return cluster([device("g0", 100), device("g1", 100)], [model("x", 10.5, on="g0"), model("z", 1, on="g0"), model("y", 10, on="g1")])
+
+
+def count_migrations(global_scheduler: GlobalScheduler, cycles: int = 10) -> int:
+    state, migrations = ping_pong_state(), 0
+    for cycle in range(cycles):
+        state = with_demand(state, "x", 10.5 if cycle % 2 == 0 else 9.5)
+        actions = global_scheduler.plan(cycle * 100.0, state)
+        migrations += sum(isinstance(a, Migrate) for a in actions)
+        state = apply(state, actions)
+    return migrations
+
+
+def test_hysteresis_prevents_ping_pong_under_alternating_small_rate_changes():
+    assert count_migrations(scheduler(migration_gain=0.0, migration_cooldown_s=0.0)) == 10  # z moves every cycle
+    assert count_migrations(scheduler(migration_gain=0.2, migration_cooldown_s=0.0)) == 0
+
+
+def test_cooldown_blocks_a_models_next_migration_until_it_expires():
+    global_scheduler = scheduler(migration_gain=0.0, migration_cooldown_s=60.0)
+    state = ping_pong_state()
+    moved = global_scheduler.plan(0.0, state)
+    assert moved == [Migrate("z", "g0", "g1")]
+    state = with_demand(apply(state, moved), "x", 9.5)  # now moving z back would gain 4.5 %
+    assert global_scheduler.plan(30.0, state) == []
+    assert global_scheduler.plan(61.0, state) == [Migrate("z", "g1", "g0")]
+
+
+def test_activation_starts_the_cooldown_and_a_dry_run_remembers_nothing():
+    state = cluster([device("g0", 100), device("g1", 100)], [model("a", 10, num_inflight=1)])
+    global_scheduler = scheduler()
+    assert global_scheduler.on_arrival(5.0, "a", state, dry_run=True) == [Activate("a", "g0")]
+    assert global_scheduler.history.last_moved_s == {}
+    global_scheduler.on_arrival(5.0, "a", state)
+    assert global_scheduler.history.last_moved_s == {"a": 5.0}
+
+
+def test_migration_separates_two_hot_large_models_only_with_the_compute_term():
+    state = cluster(
+        [device("g0", 100), device("g1", 100)],
+        [model("small", 10, weight_gb=2, compute_share=0.1, on="g0"),
+         model("large-a", 1, weight_gb=40, compute_share=0.6, on="g1"),
+         model("large-b", 1, weight_gb=40, compute_share=0.6, on="g1")],
+    )
+    kvpr_only = GlobalScheduler("prism", PlacementConfig(pressure=PressureModel(compute_weight=0.0, min_kv_reserve_tokens=0)))
+    assert kvpr_only.plan(0.0, state) == []
+    (move,) = scheduler().plan(0.0, state)
+    assert isinstance(move, Migrate) and move.model.startswith("large") and (move.src, move.dst) == ("g1", "g0")
+
+
+def test_pinned_models_never_move():
+    state = cluster([device("g0", 100), device("g1", 100)], [model("a", 10, on="g0", pinned=True), model("b", 10, on="g0", pinned=True)])
+    assert scheduler().plan(0.0, state) == []
+
+
+def test_unknown_names_are_caller_errors():
+    with pytest.raises(ValueError, match="unknown placement policy"):
+        GlobalScheduler("round-robin")
+    with pytest.raises(ValueError, match="not in the cluster state"):
+        scheduler().on_arrival(0.0, "ghost", cluster([device("g0")], []))
+
+
+def test_a_fresh_activation_is_not_idle_even_without_arrivals():
+    now = 1000.0
+    fresh = model("fresh", weight_gb=30, on="g0", activated_s=now - 10)
+    state = cluster([device("g0", 50)], [fresh, model("new", weight_gb=30, num_inflight=1)])
+    assert scheduler().on_arrival(now, "new", state) == []
+    assert scheduler().on_arrival(now + 40, "new", state) == [Evict("fresh", "g0", "make room for new"), Activate("new", "g0")]
+
+
+def test_preferred_device_wins_when_it_fits_without_evicting():
+    state = cluster(
+        [device("g0", 80), device("g1", 80)],
+        [model("hot", demand=50, weight_gb=10, on="g1"), model("new", demand=5, weight_gb=10, preferred_device="g1")],
+    )
+    assert scheduler().on_arrival(0.0, "new", state) == [Activate("new", "g1")]
