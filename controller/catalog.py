@@ -17,6 +17,7 @@ from controller.tokenizer import ModelTokenizer
 from workers.messages import ModelSpec
 from workers.weights.arch import Arch, UnsupportedModel
 from workers.weights.prepare import PreparationError, prepare_gguf, prepare_pypi_gguf
+from workers.weights.synthetic_tokenizer import synthetic_tokenizer_dir
 
 logger = logging.getLogger("prism.controller")
 
@@ -87,13 +88,13 @@ def build_catalog(registry: Registry, cache_dir: Path) -> dict[str, CatalogEntry
     catalog = {}
     for config in registry.models:
         weights_dir = weights[config.name]
-        tokenizer_dir = _tokenizer_dir(config, weights)
         try:
-            if str(tokenizer_dir) not in tokenizers:
-                tokenizers[str(tokenizer_dir)] = ModelTokenizer(tokenizer_dir)
             config_file = weights_dir / "config.json" if weights_dir else config.config
             hf_config = json.loads(Path(config_file).read_text())
             arch = Arch.from_hf_config(hf_config)
+            tokenizer_dir = _tokenizer_dir(config, weights, arch, cache_dir)
+            if str(tokenizer_dir) not in tokenizers:
+                tokenizers[str(tokenizer_dir)] = ModelTokenizer(tokenizer_dir)
         except (OSError, ValueError, UnsupportedModel) as exc:
             raise CatalogError(f"model {config.name!r}: {exc}") from None
         tokenizer = tokenizers[str(tokenizer_dir)]
@@ -114,13 +115,13 @@ def build_catalog(registry: Registry, cache_dir: Path) -> dict[str, CatalogEntry
     return catalog
 
 
-def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None]) -> Path:
+def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None], arch: Arch, cache_dir: Path) -> Path:
     if config.tokenizer is None:
-        return weights[config.name]
+        return weights[config.name] or synthetic_tokenizer_dir(arch.vocab_size, cache_dir)
     if config.tokenizer in weights:
         source = weights[config.tokenizer]
         if source is None:
-            raise CatalogError(f"model {config.name!r}: tokenizer model {config.tokenizer!r} has no tokenizer of its own")
+            raise ValueError(f"field 'tokenizer': model {config.tokenizer!r} has dummy weights and no tokenizer to share")
         return source
     return Path(config.tokenizer)
 

@@ -114,7 +114,8 @@ class ModelConfig(_Strict):
     config: Path | None = None
     """Hugging Face config.json for `load_format: dummy`."""
     tokenizer: str | None = None
-    """Tokenizer: a Hugging Face directory, or the name of another model in this registry."""
+    """Tokenizer: a Hugging Face directory, or the name of another model in this registry. Default: the
+    model's own; for dummy weights, a byte-level tokenizer of the model's vocabulary size."""
     max_model_len: int | None = Field(None, ge=16)
     """Context length (prompt + output); defaults to the config's, capped at 32768."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -244,8 +245,6 @@ def _check_files(registry: Registry, base: Path) -> Registry:
             updates["tokenizer"] = str(tok_dir)
         if model.tokenizer == model.name:
             problems.append(f"model {model.name!r}: field 'tokenizer': names the model itself")
-        if model.load_format == "dummy" and model.tokenizer is None:
-            problems.append(f"model {model.name!r}: field 'tokenizer': a dummy model needs a tokenizer")
         models.append(model.model_copy(update=updates))
     if problems:
         raise RegistryError("\n".join(problems))
@@ -265,7 +264,7 @@ def parse_registry(text: str, source: str, base: Path) -> Registry:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            message = error["msg"]
+            message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key"
             elif error["type"] == "missing":

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
+
+import msgspec
 
 from controller.catalog import CatalogEntry, build_catalog
 from controller.channel import WorkerChannel
@@ -81,9 +84,19 @@ class Server:
             worker = self.workers.get(device)
             slot = worker.slots.get(model) if worker else None
             models[model] = "ready" if slot and slot.ready.is_set() else ("failed" if slot and slot.error else "loading")
-        workers = {wid: {"state": w.state, "pid": w.pid, "restarts": w.num_restarts} for wid, w in self.workers.items()}
+        workers = {wid: self._worker_report(w) for wid, w in self.workers.items()}
         ok = all(state == "ready" for state in models.values())
         return {"status": "ok" if ok else "degraded", "models": models, "workers": workers}
+
+    @staticmethod
+    def _worker_report(worker: WorkerHandle) -> dict:
+        report = {"state": worker.state, "pid": worker.pid, "restarts": worker.num_restarts, "device": worker.device}
+        beat = worker.last_heartbeat
+        if beat is not None:
+            report["pool"] = msgspec.to_builtins(beat.pool)
+            report["models"] = {s.name: msgspec.to_builtins(s) for s in beat.models}
+            report["heartbeat_age_s"] = round(time.monotonic() - worker.last_heartbeat_s, 3)
+        return report
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Let in-flight requests finish (up to `drain_timeout_s`), then stop the workers."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import faulthandler
 import logging
 import signal
 import sys
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    faulthandler.enable()  # a fatal signal (e.g. a stray access to an unmapped page) prints the Python stack
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s worker[{args.device}] %(message)s")
     if args.parent_pid is not None:
         _die_with_parent()

@@ -44,6 +44,7 @@ class ModelSpec(msgspec.Struct, frozen=True):
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.2
     priority: int = 0
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
 
 
 # Controller -> worker

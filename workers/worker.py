@@ -129,8 +129,16 @@ class Worker:
             logger.warning("controller (pid %d) is gone; worker exits", self.parent_pid)
             self.stopping = True
             return
+        self._trim_idle_models()
         self.pool.replenish_reserve()
         self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps))
+
+    def _trim_idle_models(self) -> None:
+        """Give the empty KV pages of models with no work back to the pool (hysteresis is for bursts)."""
+        for name, engine in self.engines.items():
+            queue = self.scheduler.queues[name]
+            if not queue.running and not queue.waiting:
+                engine.kv.trim(0)
 
     # --- handlers ---------------------------------------------------------------------------------
 

@@ -8,6 +8,17 @@ import torch
 
 
 @dataclass
+class DeviceMeta:
+    """Attention metadata as device tensors, for kernels (and CUDA graphs) that cannot read Python lists."""
+
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded
+    context_lens: torch.Tensor  # [S] int32
+    query_starts: torch.Tensor  # [S] int32
+    query_lens: torch.Tensor  # [S] int32
+    max_query_len: int
+
+
+@dataclass
 class ForwardBatch:
     token_ids: torch.Tensor  # [T] int64: the new tokens of every sequence, concatenated
     positions: torch.Tensor  # [T] int64
@@ -18,6 +29,8 @@ class ForwardBatch:
     context_lens: list[int]  # per sequence: tokens in its KV after this step (cached + new)
     block_tables: list[torch.Tensor]  # per sequence: [num_blocks] int64 block ids
     sample_indices: torch.Tensor  # [S] int64: rows whose logits are sampled (last new token of a sequence)
+    decode_only: bool = False  # every sequence has exactly one new token
+    device_meta: DeviceMeta | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -25,7 +38,7 @@ class ForwardBatch:
 
     @property
     def is_decode_only(self) -> bool:
-        return all(n == 1 for n in self.query_lens)
+        return self.decode_only
 
 
 def build_batch(
@@ -35,6 +48,7 @@ def build_batch(
     sample_mask: list[bool],
     block_size: int,
     device: torch.device | str,
+    with_device_meta: bool = False,
 ) -> ForwardBatch:
     """Flatten per-sequence chunks (tokens from `start_positions[i]` on) into one ForwardBatch."""
     token_ids: list[int] = []
@@ -52,6 +66,19 @@ def build_batch(
     slot_blocks = []
     for table, start, chunk in zip(block_tables, start_positions, token_chunks):
         slot_blocks.extend(table[p // block_size] for p in range(start, start + len(chunk)))
+    meta = None
+    if with_device_meta:
+        width = max(len(t) for t in block_tables)
+        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+        for row, table in enumerate(block_tables):
+            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        meta = DeviceMeta(
+            block_tables=tables.to(device, non_blocking=True),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(device, non_blocking=True),
+            query_starts=torch.tensor(query_starts, dtype=torch.int32).to(device, non_blocking=True),
+            query_lens=torch.tensor(query_lens, dtype=torch.int32).to(device, non_blocking=True),
+            max_query_len=max(query_lens),
+        )
     return ForwardBatch(
         token_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
         positions=positions_t.to(device),
@@ -62,4 +89,6 @@ def build_batch(
         context_lens=context_lens,
         block_tables=[torch.tensor(t, dtype=torch.int64, device=device) for t in block_tables],
         sample_indices=torch.tensor(sample_indices, dtype=torch.int64, device=device),
+        decode_only=all(n == 1 for n in query_lens),
+        device_meta=meta,
     )

@@ -8,13 +8,13 @@ sampled tokens. Narrow interface: `execute(plan)`, `release(req_id)`, `stats()`,
 from __future__ import annotations
 
 import time
-from typing import Callable
 
 import torch
 
 from memory import KVSpace, PagePool
-from scheduler.local import StepPlan
+from scheduler.local import ScheduledChunk, StepPlan
 from workers.engine.batch import build_batch
+from workers.engine.cuda_graphs import DecodeGraphs
 from workers.engine.llama import LlamaModel
 from workers.engine.sampler import Sampler
 from workers.messages import ModelSpec
@@ -41,7 +41,19 @@ class Engine:
         self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks)
         self.kv_cache = self.kv.tensor(self.dtype, self.kv_block_shape)
         self.sampler = Sampler(device, seed=None)
+        self.graphs = self._capture_graphs() if device.type == "cuda" and spec.cuda_graphs else None
         self.load_s = time.monotonic() - started
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        scratch = self.kv.allocate(1)  # padded graph rows write here; held for the engine's life
+        if scratch is None:
+            return None
+        graphs = DecodeGraphs(
+            self.model, self.kv_cache, self.block_size, self.spec.max_num_seqs,
+            max_blocks_per_seq=-(-self.spec.max_model_len // self.block_size), scratch_block=scratch[0],
+        )
+        graphs.capture()
+        return graphs
 
     def _load_model(self) -> LlamaModel:
         spec = self.spec
@@ -49,8 +61,8 @@ class Engine:
             tensors = iter_dummy(self.arch, spec.seed, str(self.device), self.dtype)
         else:
             tensors = iter_safetensors(spec.weights_dir, str(self.device), self.dtype)
-        allocate: Callable = lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device)
-        return LlamaModel.from_checkpoint(self.arch, spec.hf_config, tensors, allocate)
+        ops = "triton" if self.device.type == "cuda" else "torch"
+        return LlamaModel.from_checkpoint(self.arch, spec.hf_config, tensors, self.device, self.dtype, ops)
 
     def _weight_tensors(self) -> list[torch.Tensor]:
         model = self.model
@@ -66,7 +78,25 @@ class Engine:
         """Run one step; return the sampled token of every sequence whose chunk reached its end."""
         if not plan.chunks:
             return {}
-        chunks = plan.chunks
+        logits = self._logits(plan.chunks)
+        sampling = [c.seq for c in plan.chunks if c.samples]
+        if not sampling:
+            return {}
+        banned = [
+            sorted(s.eos_token_ids | s.stop_token_ids) if s.num_output_tokens < s.min_tokens else []
+            for s in sampling
+        ]
+        tokens = self.sampler.sample(logits, [s.req_id for s in sampling], [s.sampling for s in sampling], banned)
+        return {s.req_id: t for s, t in zip(sampling, tokens)}
+
+    def _logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """Logits of the sampled rows: a CUDA graph replay for decode batches, else an eager forward."""
+        if self.graphs is not None and all(c.num_new_tokens == 1 for c in chunks) and self.graphs.can_run(len(chunks)):
+            return self.graphs.run(
+                [c.seq.token_ids(c.start, c.start + 1)[0] for c in chunks],
+                [c.start for c in chunks],
+                [c.seq.block_ids for c in chunks],
+            )
         batch = build_batch(
             token_chunks=[c.seq.token_ids(c.start, c.start + c.num_new_tokens) for c in chunks],
             start_positions=[c.start for c in chunks],
@@ -74,18 +104,10 @@ class Engine:
             sample_mask=[c.samples for c in chunks],
             block_size=self.block_size,
             device=self.device,
+            with_device_meta=self.device.type == "cuda",
         )
         hidden = self.model.forward(batch, self.kv_cache)
-        sampling = [c.seq for c in chunks if c.samples]
-        if not sampling:
-            return {}
-        logits = self.model.logits(hidden)
-        banned = [
-            sorted(s.eos_token_ids | s.stop_token_ids) if s.num_output_tokens < s.min_tokens else []
-            for s in sampling
-        ]
-        tokens = self.sampler.sample(logits, [s.req_id for s in sampling], [s.sampling for s in sampling], banned)
-        return {s.req_id: t for s, t in zip(sampling, tokens)}
+        return self.model.logits(hidden) if hidden.shape[0] else None
 
     def release(self, req_id: str) -> None:
         """Forget per-request state (its seeded generator); the scheduler has freed its blocks."""

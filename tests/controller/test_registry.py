@@ -1,0 +1,107 @@
+"""The YAML registry: strict validation with one clear line per problem, and a clean CLI exit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from controller.registry import RegistryError, default_registry_path, load_registry
+
+SHA = "0" * 64
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "registry.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_the_embedded_demo_registry_is_valid():
+    registry = load_registry(default_registry_path())
+    assert [m.name for m in registry.models] == ["smollm2-135m-instruct", "tiny-llama-random"]
+    assert registry.devices == ["cpu"]
+    tiny = registry.model("tiny-llama-random")
+    assert tiny.config.is_file() and tiny.load_format == "dummy"  # relative path resolved next to the file
+
+
+def problems(tmp_path, text: str) -> str:
+    with pytest.raises(RegistryError) as info:
+        load_registry(write(tmp_path, text))
+    return str(info.value)
+
+
+def test_unknown_key_names_file_model_and_field(tmp_path):
+    message = problems(tmp_path, """
+        models:
+          - name: m1
+            load_format: dummy
+            config: c.json
+            tokenizer: /
+            colour: blue
+    """)
+    assert "registry.yaml" in message and "model 'm1'" in message and "'colour'" in message and "unknown key" in message
+
+
+def test_bad_value_names_the_field(tmp_path):
+    message = problems(tmp_path, f"""
+        models:
+          - name: m1
+            pypi_gguf: {{wheel: a==1, sha256: "{SHA}", member: x.gguf}}
+            slo: {{ttft_s: -1}}
+    """)
+    assert "model 'm1': field 'slo.ttft_s'" in message and "greater than 0" in message
+
+
+def test_missing_model_path_is_reported(tmp_path):
+    message = problems(tmp_path, """
+        models:
+          - name: m1
+            path: does/not/exist
+    """)
+    assert "model 'm1': field 'path': no such directory" in message and "does/not/exist" in message
+
+
+def test_two_sources_or_none_are_refused(tmp_path):
+    message = problems(tmp_path, f"""
+        models:
+          - name: m1
+            path: .
+            gguf: x.gguf
+          - name: m2
+            max_model_len: 100
+    """)
+    assert "model 'm1'" in message and "exactly one weight source" in message
+    assert "model 'm2'" in message
+
+
+def test_duplicate_names_and_unknown_devices(tmp_path):
+    assert "unknown device 'tpu:0'" in problems(tmp_path, """
+        devices: [cpu, tpu:0]
+        models: [{name: a, path: .}]
+    """)
+    assert "model name 'a' appears twice" in problems(tmp_path, """
+        models:
+          - {name: a, path: .}
+          - {name: a, path: .}
+    """)
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    assert "not valid YAML" in problems(tmp_path, "models: [a, b\n")
+    assert "top level must be a mapping" in problems(tmp_path, "- just a list\n")
+
+
+def test_cli_prints_problems_and_exits_nonzero_without_traceback(tmp_path):
+    path = write(tmp_path, """
+        server: {port: 99999}
+        models:
+          - name: m1
+            path: nowhere
+    """)
+    result = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "field 'server.port'" in result.stderr and str(path) in result.stderr

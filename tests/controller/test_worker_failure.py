@@ -1,0 +1,101 @@
+"""Overload, a killed worker, and shutdown, against the real server (subprocess) with tight limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import openai
+import pytest
+import yaml
+
+from controller.registry import default_registry_path
+from tests.controller.server_process import pid_alive, start_server, stop_server, wait_until
+
+SMOL = "smollm2-135m-instruct"
+LONG = dict(max_tokens=2000, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, prepared_smollm2):
+    registry = yaml.safe_load(default_registry_path().read_text())
+    registry["server"].update(max_queued_per_model=2, worker_start_timeout_s=1.0)
+    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
+    config = tmp_path_factory.mktemp("failure") / "registry.yaml"
+    config.write_text(yaml.safe_dump(registry))
+    server = start_server(config)
+    yield server
+    stop_server(server)
+
+
+def make_client(server, **kwargs):
+    return openai.AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120, **kwargs)
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    async def scenario():
+        client = make_client(server)
+        streams = [await client.completions.create(model=SMOL, prompt="Tell a story", stream=True, **LONG) for _ in range(2)]
+        for stream in streams:  # both are running on the worker
+            await stream.__anext__()
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.completions.create(model=SMOL, prompt="one more", max_tokens=5)
+        for stream in streams:
+            await stream.close()
+        return info.value
+
+    error = asyncio.run(scenario())
+    assert error.status_code == 429 and int(error.response.headers["retry-after"]) >= 1
+    assert error.body["type"] == "rate_limit_error"
+
+
+def test_a_killed_worker_fails_its_requests_at_once_and_comes_back(server):
+    old_pid = server.worker_pid()
+    wait_until(lambda: server.health()["workers"]["cpu"]["models"][SMOL]["num_running"] == 0, 20, what="an idle worker")
+
+    async def scenario():
+        client = make_client(server)
+        stream = await client.completions.create(model=SMOL, prompt="Tell a story", stream=True, **LONG)
+        await stream.__anext__()
+        blocking = asyncio.ensure_future(client.completions.create(model=SMOL, prompt="Another story", **LONG))
+        wait_started = time.monotonic()
+        while server.health()["workers"]["cpu"]["models"][SMOL]["num_running"] < 2:
+            assert time.monotonic() - wait_started < 20, "both requests should be running"
+            await asyncio.sleep(0.05)
+        os.kill(old_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        with pytest.raises(openai.APIError) as streamed:
+            async for _ in stream:
+                pass
+        with pytest.raises(openai.InternalServerError) as plain:
+            await blocking
+        return time.monotonic() - killed_at, streamed.value, plain.value
+
+    elapsed, streamed, plain = asyncio.run(scenario())
+    assert elapsed < 5, f"in-flight requests took {elapsed:.1f} s to fail"
+    assert "exited with signal 9" in str(streamed) and "exited with signal 9" in plain.body["message"]
+    assert plain.status_code == 500
+
+    # While it restarts, a new request waits up to worker_start_timeout_s (1 s here), then gets 503.
+    client = openai.OpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.APIStatusError) as unavailable:
+        client.completions.create(model=SMOL, prompt="hello", max_tokens=3)
+    assert unavailable.value.status_code == 503 and "retry-after" in unavailable.value.response.headers
+
+    wait_until(lambda: server.health()["status"] == "ok", 120, 0.2, "the restarted worker")
+    health = server.health()["workers"]["cpu"]
+    assert health["restarts"] == 1 and health["pid"] != old_pid
+    response = client.completions.create(model=SMOL, prompt="The capital of France is", temperature=0, max_tokens=5)
+    assert response.choices[0].finish_reason == "length" and response.usage.completion_tokens == 5
+
+
+def test_shutdown_stops_the_workers_no_orphans(tmp_path_factory, prepared_smollm2):
+    server = start_server(default_registry_path())
+    worker_pid = server.worker_pid()
+    assert pid_alive(worker_pid)
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says how it ended.
+    assert stop_server(server) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log()
+    wait_until(lambda: not pid_alive(worker_pid), 10, what="the worker to exit with the controller")
