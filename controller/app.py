@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.auth import Auth
 from controller.errors import APIError, InvalidRequest, RequestTooLarge
 from controller.registry import Registry
 from controller.routes import openai_routes
@@ -36,6 +37,7 @@ def create_app(registry: Registry, cache_dir: Path, server: Server | None = None
             await srv.stop()
 
     app = FastAPI(title="prism-serve", version="0.1.0", lifespan=lifespan)
+    app.state.auth = Auth(registry.server)
     app.add_middleware(BodySizeLimit, max_bytes=registry.server.max_body_bytes)
     app.include_router(openai_routes.router)
     _install_error_handlers(app)

@@ -16,6 +16,7 @@ import msgspec
 from controller.catalog import CatalogEntry, build_catalog
 from controller.channel import WorkerChannel
 from controller.engine_client import EngineClient
+from controller.metrics import Metrics
 from controller.registry import Registry
 from controller.serving import OpenAIServing
 from controller.worker_handle import WorkerHandle
@@ -55,6 +56,7 @@ class Server:
         self.workers: dict[str, WorkerHandle] = {}
         self.client: EngineClient | None = None
         self.serving: OpenAIServing | None = None
+        self.metrics = Metrics(self._metric_state)
 
     @classmethod
     def from_registry(cls, registry: Registry, cache_dir: Path) -> Server:
@@ -71,7 +73,7 @@ class Server:
             self.workers[device].place(self.catalog[model].spec(device, memory.block_size))
         await asyncio.gather(*(worker.start() for worker in self.workers.values()))
         self.client = EngineClient(self.catalog, self.workers, self.placement, self.registry.server)
-        self.serving = OpenAIServing(self.catalog, self.client, self.registry.server)
+        self.serving = OpenAIServing(self.catalog, self.client, self.registry.server, self.metrics)
 
     async def wait_ready(self, timeout_s: float) -> bool:
         """True once every model is loaded on its worker."""
@@ -87,6 +89,13 @@ class Server:
         workers = {wid: self._worker_report(w) for wid, w in self.workers.items()}
         ok = all(state == "ready" for state in models.values())
         return {"status": "ok" if ok else "degraded", "models": models, "workers": workers}
+
+    def _metric_state(self):
+        in_flight = self.client.in_flight if self.client else {}
+        by_device: dict[str, dict[str, int]] = {d: {} for d in self.workers}
+        for model, count in in_flight.items():
+            by_device.setdefault(self.placement.get(model, "?"), {})[model] = count
+        return [(device, worker.last_heartbeat, by_device.get(device, {})) for device, worker in self.workers.items()]
 
     @staticmethod
     def _worker_report(worker: WorkerHandle) -> dict:

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
 
 from fastapi import Request
@@ -21,6 +21,7 @@ from controller.catalog import CatalogEntry
 from controller.engine_client import EngineClient
 from controller.errors import APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
 from controller.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_request_id, now_s
+from controller.metrics import Metrics
 from controller.registry import ServerConfig
 from controller.tokenizer import Detokenizer
 from controller.worker_handle import RequestStream
@@ -44,6 +45,17 @@ class Generation:
     stream: bool
     include_usage: bool
     created: int
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    num_output_tokens: int = 0
+
+    def observe(self, delta: TokenDelta) -> None:
+        if delta.token_ids:
+            now = time.monotonic()
+            self.first_token_s = self.first_token_s or now
+            self.last_token_s = now
+            self.num_output_tokens += len(delta.token_ids)
 
 
 class ClientDisconnected(Exception):
@@ -82,10 +94,11 @@ def _sse(payload: dict | str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, catalog: dict[str, CatalogEntry], client: EngineClient, limits: ServerConfig):
+    def __init__(self, catalog: dict[str, CatalogEntry], client: EngineClient, limits: ServerConfig, metrics: Metrics | None = None):
         self.catalog = catalog
         self.client = client
         self.limits = limits
+        self.metrics = metrics
 
     # --- endpoints --------------------------------------------------------------------------------
 
@@ -156,44 +169,64 @@ class OpenAIServing:
         # Admission and the wait for a ready worker happen before the response starts, so that 429 / 503
         # reach streaming clients as real statuses.
         resources = contextlib.AsyncExitStack()
-        stream = await resources.enter_async_context(
-            self.client.open_stream(gen.req_id, gen.entry.name, gen.prompt_token_ids, gen.sampling)
-        )
+        try:
+            stream = await resources.enter_async_context(
+                self.client.open_stream(gen.req_id, gen.entry.name, gen.prompt_token_ids, gen.sampling)
+            )
+        except APIError:
+            self._record(gen, "rejected")
+            raise
         if gen.stream:
             return StreamingResponse(self._events(gen, fmt, stream, resources), media_type="text/event-stream")
-        async with resources:
-            return JSONResponse(await self._until_done_or_disconnect(self._collect(gen, fmt, stream), raw))
+        outcome = "abort"
+        try:
+            async with resources:
+                body = await self._until_done_or_disconnect(self._collect(gen, fmt, stream), raw)
+                outcome = body["choices"][0]["finish_reason"]
+                return JSONResponse(body)
+        except APIError:
+            outcome = "error"
+            raise
+        finally:
+            self._record(gen, outcome)
 
     async def _collect(self, gen: Generation, fmt: ResponseFormat, stream: RequestStream) -> dict:
         detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
         finish_reason = None
         deadline = time.monotonic() + self.limits.request_timeout_s
         while finish_reason is None:
-            finish_reason = self._advance(detok, await self._next(stream, deadline))
+            finish_reason = self._advance(gen, detok, await self._next(stream, deadline))
         return fmt.response(gen, detok.delta(final=True), finish_reason, self._usage(gen, detok))
 
     async def _events(self, gen: Generation, fmt: ResponseFormat, stream: RequestStream, resources: contextlib.AsyncExitStack) -> AsyncIterator[str]:
-        async with resources:
-            detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
-            deadline = time.monotonic() + self.limits.request_timeout_s
-            first = True
-            try:
-                finish_reason = None
-                while finish_reason is None:
-                    finish_reason = self._advance(detok, await self._next(stream, deadline))
-                    text = detok.delta(final=finish_reason is not None)
-                    if text or first or finish_reason:
-                        yield _sse(self._with_usage(fmt.chunk(gen, text, finish_reason, first), gen))
-                        first = False
-                if gen.include_usage:
-                    final = fmt.chunk(gen, "", None, False) | {"choices": [], "usage": self._usage(gen, detok)}
-                    yield _sse(final)
-            except APIError as exc:
-                yield _sse(exc.body())
-            yield _sse("[DONE]")
+        outcome = "abort"  # unless it ends otherwise: the client went away
+        try:
+            async with resources:
+                detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
+                deadline = time.monotonic() + self.limits.request_timeout_s
+                first = True
+                try:
+                    finish_reason = None
+                    while finish_reason is None:
+                        finish_reason = self._advance(gen, detok, await self._next(stream, deadline))
+                        text = detok.delta(final=finish_reason is not None)
+                        if text or first or finish_reason:
+                            yield _sse(self._with_usage(fmt.chunk(gen, text, finish_reason, first), gen))
+                            first = False
+                    outcome = finish_reason
+                    if gen.include_usage:
+                        final = fmt.chunk(gen, "", None, False) | {"choices": [], "usage": self._usage(gen, detok)}
+                        yield _sse(final)
+                except APIError as exc:
+                    outcome = "error"
+                    yield _sse(exc.body())
+                yield _sse("[DONE]")
+        finally:
+            self._record(gen, outcome)
 
-    def _advance(self, detok: Detokenizer, delta: TokenDelta) -> str | None:
+    def _advance(self, gen: Generation, detok: Detokenizer, delta: TokenDelta) -> str | None:
         """Feed one delta; return the finish reason once the request is done."""
+        gen.observe(delta)
         if delta.finish_reason == "error":
             raise ERROR_KINDS.get(delta.error_kind, WorkerFailed)(delta.error or "the request failed")
         detok.add(delta.token_ids)
@@ -207,6 +240,20 @@ class OpenAIServing:
             return await asyncio.wait_for(stream.next(), max(remaining, 0.001))
         except asyncio.TimeoutError:
             raise RequestTimeout(f"the request did not finish within {self.limits.request_timeout_s:g} s") from None
+
+    def _record(self, gen: Generation, outcome: str) -> None:
+        if self.metrics is None:
+            return
+        ttft = tpot = None
+        if gen.first_token_s is not None:
+            ttft = gen.first_token_s - gen.arrival_s
+            if gen.num_output_tokens > 1:
+                tpot = (gen.last_token_s - gen.first_token_s) / (gen.num_output_tokens - 1)
+        slo = gen.entry.config.slo
+        self.metrics.request_finished(
+            gen.entry.name, outcome, len(gen.prompt_token_ids) if outcome != "rejected" else 0, gen.num_output_tokens,
+            ttft, tpot, time.monotonic() - gen.arrival_s, slo.ttft_s, slo.tpot_s,
+        )
 
     def _with_usage(self, chunk: dict, gen: Generation) -> dict:
         if gen.include_usage:

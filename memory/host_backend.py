@@ -1,9 +1,10 @@
 """Host backend: anonymous mmap reservations, pages mapped with mprotect and given back with madvise.
 
-A reservation starts as PROT_NONE address space with no physical backing (MAP_NORESERVE). Mapping a page
-makes it readable and writable (the kernel backs it on first touch); unmapping it drops its contents with
-MADV_DONTNEED, so the process's resident memory really falls, and makes it PROT_NONE again, so a stray
-access to an unmapped page faults just as it would on a GPU.
+A reservation starts as PROT_NONE address space with no physical backing (MAP_NORESERVE). Making a run of
+pages accessible makes it readable and writable (the kernel backs each page on first touch); unmapping a
+page drops its contents with MADV_DONTNEED, so the process's resident memory really falls, and makes it
+PROT_NONE again, so a stray access to an unmapped page faults just as it would on a GPU. A remapped page
+reads as zeros (private anonymous memory), unlike a GPU page, which keeps whatever its last user wrote.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class HostBackend:
     """Pages of host memory; `page_bytes` must be a multiple of the OS page size."""
 
     def __init__(self, page_bytes: int = 2 * 1024 * 1024):
-        if page_bytes % mmap.PAGESIZE:
-            raise ValueError(f"page_bytes {page_bytes} is not a multiple of the OS page size {mmap.PAGESIZE}")
+        if page_bytes <= 0 or page_bytes % mmap.PAGESIZE:
+            raise ValueError(f"page_bytes {page_bytes} is not a positive multiple of the OS page size {mmap.PAGESIZE}")
         self.device = "cpu"
         self.page_bytes = page_bytes
         self._next_handle = 0
@@ -67,7 +68,13 @@ class HostBackend:
         return None
 
     def map(self, address: int, handle: int) -> None:
-        _check(_libc.mprotect(address, self.page_bytes, mmap.PROT_READ | mmap.PROT_WRITE), "mprotect")
+        return None  # the kernel backs the page on first touch once set_access allows it
+
+    def set_access(self, address: int, num_bytes: int) -> None:
+        _check(_libc.mprotect(address, num_bytes, mmap.PROT_READ | mmap.PROT_WRITE), "mprotect")
+
+    def synchronize(self) -> None:
+        return None  # CPU work is synchronous
 
     def unmap(self, address: int) -> None:
         _check(_libc.madvise(address, self.page_bytes, _MADV_DONTNEED), "madvise(MADV_DONTNEED)")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
 
+from controller.auth import require_api_key
 from controller.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
 
 router = APIRouter()
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 
@@ -22,16 +24,24 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_server(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@v1.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     return _server(request).serving.list_models()
 
 
-@router.post("/v1/completions", responses=_ERRORS)
+@v1.post("/completions", responses=_ERRORS)
 async def completions(body: CompletionRequest, request: Request):
     return await _server(request).serving.completion(body, request)
 
 
-@router.post("/v1/chat/completions", responses=_ERRORS)
+@v1.post("/chat/completions", responses=_ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _server(request).serving.chat(body, request)
+
+
+router.include_router(v1)

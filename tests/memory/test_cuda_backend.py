@@ -1,0 +1,176 @@
+"""CUDA VMM backend on a real GPU: views, data integrity under a neighbour's churn, page reuse, budgets.
+
+Run on the device machine: python -m pytest tests/memory/test_cuda_backend.py -m gpu -q
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from memory import (
+    BackendError,
+    CudaBackend,
+    FaultInjectingBackend,
+    KVSpace,
+    PagePool,
+    PoolExhaustedError,
+    WeightSpace,
+    weight_bytes_needed,
+)
+
+pytestmark = pytest.mark.gpu
+
+MIB = 1024 * 1024
+PAGE = 2 * MIB
+
+
+@pytest.fixture
+def backend():
+    backend = CudaBackend("cuda:0")
+    yield backend
+    backend.close()
+
+
+def int32_blocks(space: KVSpace) -> torch.Tensor:
+    return space.tensor(torch.int32, (space.block_bytes // 4,))
+
+
+def test_page_size_follows_the_driver_granularity(backend):
+    assert backend.page_bytes == PAGE and PAGE % backend.granularity_bytes == 0
+    with pytest.raises(ValueError, match="granularity"):
+        CudaBackend("cuda:0", page_bytes=backend.granularity_bytes + 4096)
+    with pytest.raises(ValueError):
+        CudaBackend("cpu")
+
+
+def test_view_made_before_any_page_is_mapped_reads_and_writes(backend):
+    pool = PagePool(backend, 16 * PAGE)
+    kv = KVSpace(pool, "a", block_bytes=PAGE // 2, max_blocks=32)
+    view = int32_blocks(kv)  # the engine takes its view right after building the space, with nothing mapped
+    assert view.device == torch.device(backend.device) and view.shape == (32, PAGE // 8)
+    block_ids = kv.allocate(5)
+    for b in block_ids:
+        view[b] = torch.arange(PAGE // 8, device=view.device, dtype=torch.int32) + b
+    torch.cuda.synchronize()
+    for b in block_ids:
+        assert torch.equal(view[b].cpu(), torch.arange(PAGE // 8, dtype=torch.int32) + b)
+    del view
+    kv.close()
+    pool.audit()
+
+
+def test_kv_and_weights_stay_intact_while_another_model_maps_and_unmaps(backend):
+    pool = PagePool(backend, 64 * PAGE)
+    shapes = [((1024, 1024), torch.bfloat16), ((4096,), torch.float32)]
+    weights = WeightSpace(pool, "steady", weight_bytes_needed(shapes))
+    matrix, bias = (weights.allocate(shape, dtype) for shape, dtype in shapes)
+    matrix.copy_(torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16))
+    bias.copy_(torch.linspace(-1, 1, 4096))
+    expected_matrix, expected_bias = matrix.cpu(), bias.cpu()
+
+    steady = KVSpace(pool, "steady", block_bytes=1792 * 1024, max_blocks=64)  # Llama-3.2-3B: straddles pages
+    steady_view = int32_blocks(steady)
+    steady_ids = steady.allocate(12)
+    for b in steady_ids:
+        steady_view[b].fill_(1000 + b)
+
+    churn = KVSpace(pool, "churn", block_bytes=512 * 1024, max_blocks=256, idle_pages=0)
+    churn_view = int32_blocks(churn)
+    rng = random.Random(0)
+    live: list[int] = []
+    pages_unmapped = 0
+    for step in range(150):
+        if live and rng.random() < 0.5:
+            victims = rng.sample(live, rng.randint(1, len(live)))
+            live = [b for b in live if b not in victims]
+            before = churn.num_mapped_pages
+            churn.free(victims)
+            pages_unmapped += before - churn.num_mapped_pages
+        else:
+            new = churn.allocate(rng.randint(1, 24))
+            for b in new or []:
+                churn_view[b].fill_(-b)
+            live += new or []
+        if step % 25 == 0:
+            for b in live:
+                assert bool((churn_view[b] == -b).all())
+    torch.cuda.synchronize()
+    assert pages_unmapped > 10, "the neighbour really gave pages back"
+    for b in steady_ids:
+        assert bool((steady_view[b] == 1000 + b).all()), f"steady KV block {b} was corrupted"
+    assert torch.equal(matrix.cpu(), expected_matrix) and torch.equal(bias.cpu(), expected_bias)
+    assert pool.snapshot().weight_pages == {"steady": weights.num_pages}
+    pool.audit()
+    del steady_view, churn_view, matrix, bias
+    for space in (churn, steady, weights):
+        space.close()
+    assert pool.snapshot().pages_mapped == 0
+
+
+def test_page_unmapped_by_one_model_is_reused_by_another(backend):
+    counting = FaultInjectingBackend(backend)  # no faults armed: it only counts driver calls
+    pool = PagePool(counting, 4 * PAGE, reserve_pages=4)
+    first = KVSpace(pool, "first", block_bytes=PAGE, max_blocks=4, idle_pages=0)
+    second = KVSpace(pool, "second", block_bytes=PAGE, max_blocks=4, idle_pages=0)
+    first_ids = first.allocate(4)
+    first_handles = {int(h) for h in first.vrange.handles}
+    assert second.allocate(1) is None, "the first model holds the whole budget"
+    first.free(first_ids)
+    created = counting.calls["create_page"]
+    second_ids = second.allocate(4)
+    assert counting.calls["create_page"] == created, "no new physical page was created"
+    assert {int(h) for h in second.vrange.handles} == first_handles, "the same physical pages moved over"
+    view = int32_blocks(second)
+    for b in second_ids:
+        view[b].fill_(b + 1)
+    torch.cuda.synchronize()
+    assert [int(view[b][-1]) for b in second_ids] == [b + 1 for b in second_ids]
+    del view
+    second.close()
+    first.close()
+    pool.close()
+    pool.audit()
+
+
+def test_budget_exhaustion_is_an_ordinary_result(backend):
+    pool = PagePool(backend, 3 * PAGE)
+    vrange = pool.reserve_range("a", "kv", 8 * PAGE)
+    assert not pool.map_pages(vrange, range(4))
+    assert pool.map_pages(vrange, range(3))
+    assert not pool.map_pages(vrange, [3])
+    kv = KVSpace(pool, "b", block_bytes=PAGE, max_blocks=4)
+    assert kv.allocate(1) is None
+    with pytest.raises(PoolExhaustedError):
+        WeightSpace(pool, "c", PAGE)
+    assert pool.snapshot().pages_mapped == 3
+    pool.release_range(vrange)
+    assert kv.allocate(3) is not None
+    kv.close()
+    pool.audit()
+
+
+def test_driver_errors_name_the_call_and_the_error(backend):
+    base = backend.reserve(2 * PAGE)
+    handle = backend.create_page()
+    try:
+        with pytest.raises(BackendError, match=r"cuMemMap failed on cuda:0: CUDA_ERROR_\w+"):
+            backend.map(base + 4096, handle)  # not aligned to the granularity
+    finally:
+        backend.destroy_page(handle)
+        backend.release(base, 2 * PAGE)
+
+
+def test_pinned_host_memory_copies_to_the_device(backend):
+    host = torch.arange(4 * MIB, dtype=torch.int32)
+    backend.pin_host(host)
+    try:
+        assert host.is_pinned()
+        on_device = host.to(backend.device, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(on_device.cpu(), host)
+    finally:
+        backend.unpin_host(host)
+    assert not host.is_pinned()
