@@ -54,7 +54,7 @@ def make_tiny_checkpoint(model_type: str, directory: Path, seed: int = 0, vocab_
     return directory
 
 
-def make_pool(budget_bytes: int = 512 * 1024**2, page_bytes: int = 2 * 1024**2) -> PagePool:
+def make_pool(budget_bytes: int = 1024**3, page_bytes: int = 2 * 1024**2) -> PagePool:
     return PagePool(HostBackend(page_bytes), budget_bytes)
 
 

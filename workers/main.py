@@ -29,6 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker-id", default=None, help="unique id (default: the device name)")
     parser.add_argument("--budget-bytes", type=int, default=4 * 1024**3, help="page pool budget")
     parser.add_argument("--page-bytes", type=int, default=2 * 1024**2)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU share for the pool when no budget is given")
+    parser.add_argument("--host-store-bytes", type=int, default=32 * 1024**3, help="host weight store budget (shared memory)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -42,10 +44,13 @@ def main(argv: list[str] | None = None) -> None:
         _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 
+    from memory.host_store import HostWeightStore
     from workers.worker import Worker, make_pool
 
-    pool = make_pool(args.device, args.budget_bytes, args.page_bytes)
-    Worker(args.worker_id or args.device, args.device, args.controller, pool, args.parent_pid).run()
+    pool = make_pool(args.device, args.budget_bytes, args.page_bytes, args.gpu_memory_utilization)
+    pool.replenish_reserve()
+    store = HostWeightStore(args.host_store_bytes)
+    Worker(args.worker_id or args.device, args.device, args.controller, pool, store, args.parent_pid).run()
 
 
 if __name__ == "__main__":

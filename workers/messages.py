@@ -1,7 +1,7 @@
 """Typed messages between the controller and a worker (msgpack over one ZMQ channel per worker).
 
-Controller -> worker: LoadModel, UnloadModel, Generate, Abort, Shutdown.
-Worker -> controller: WorkerReady, ModelLoaded, ModelUnloaded, StepOutputs, Heartbeat.
+Controller -> worker: Activate, Evict, Forget, Generate, Abort, Shutdown.
+Worker -> controller: WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat.
 
 Pydantic never crosses the process boundary: these are msgspec structs, tagged so that one decoder
 reads every message type of a direction.
@@ -50,11 +50,22 @@ class ModelSpec(msgspec.Struct, frozen=True):
 # Controller -> worker
 
 
-class LoadModel(msgspec.Struct, tag=True):
+class Activate(msgspec.Struct, tag=True):
+    """Make the model resident: map and fill its weights (creating its engine on first use)."""
+
     spec: ModelSpec
 
 
-class UnloadModel(msgspec.Struct, tag=True):
+class Evict(msgspec.Struct, tag=True):
+    """Unmap the model's weights and KV now; its unfinished requests fail (the controller drained first)."""
+
+    name: str
+    reason: str = ""
+
+
+class Forget(msgspec.Struct, tag=True):
+    """Evict the model and drop its engine (the model left the registry)."""
+
     name: str
 
 
@@ -74,7 +85,7 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToWorker = LoadModel | UnloadModel | Generate | Abort | Shutdown
+ToWorker = Activate | Evict | Forget | Generate | Abort | Shutdown
 
 
 # Worker -> controller
@@ -87,16 +98,23 @@ class WorkerReady(msgspec.Struct, tag=True):
     pool_budget_bytes: int
 
 
-class ModelLoaded(msgspec.Struct, tag=True):
+class ModelActivated(msgspec.Struct, tag=True):
     name: str
-    error: str | None  # None: loaded and ready
+    error: str | None  # None: resident and ready
+    error_kind: str | None = None  # "no_memory" (evict something and retry) | "failed"
     weight_bytes: int = 0
-    load_s: float = 0.0
     num_kv_blocks: int = 0
+    stage_s: float = 0.0
+    map_copy_s: float = 0.0
+    build_s: float = 0.0
+    graphs_s: float = 0.0
+    total_s: float = 0.0
 
 
-class ModelUnloaded(msgspec.Struct, tag=True):
+class ModelEvicted(msgspec.Struct, tag=True):
     name: str
+    evict_s: float = 0.0
+    num_failed: int = 0
 
 
 class TokenDelta(msgspec.Struct, array_like=True):
@@ -115,6 +133,7 @@ class StepOutputs(msgspec.Struct, tag=True):
 
 class ModelStats(msgspec.Struct):
     name: str
+    active: bool
     num_waiting: int
     num_running: int
     num_kv_blocks_used: int
@@ -140,7 +159,7 @@ class Heartbeat(msgspec.Struct, tag=True):
     num_steps: int
 
 
-FromWorker = WorkerReady | ModelLoaded | ModelUnloaded | StepOutputs | Heartbeat
+FromWorker = WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat
 
 _to_worker_encoder = msgspec.msgpack.Encoder()
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

@@ -12,6 +12,7 @@ import time
 import torch
 
 from memory import PagePool
+from memory.host_store import HostWeightStore
 from scheduler.local import LocalScheduler, ModelQueue
 from scheduler.sequence import Sequence
 from workers.engine.engine import Engine
@@ -19,9 +20,10 @@ from workers.messages import ModelSpec, SamplingParams
 
 
 class OfflineRunner:
-    def __init__(self, spec: ModelSpec, device: str, pool: PagePool):
+    def __init__(self, spec: ModelSpec, device: str, pool: PagePool, store: HostWeightStore | None = None):
         self.spec = spec
-        self.engine = Engine(spec, torch.device(device), pool)
+        self.engine = Engine(spec, torch.device(device), pool, store)
+        self.engine.activate()
         self.scheduler = LocalScheduler()
         self.scheduler.add_model(
             ModelQueue(

@@ -17,31 +17,42 @@ import torch
 import zmq
 
 from memory import PagePool
+from memory.host_store import HostWeightStore
 from scheduler.local import LocalScheduler, ModelQueue, StepPlan
 from scheduler.sequence import Sequence
 from workers import messages as m
-from workers.engine.engine import Engine
+from workers.engine.engine import Engine, NotEnoughMemory
 
 logger = logging.getLogger("prism.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
 
 
-def make_pool(device: str, budget_bytes: int, page_bytes: int) -> PagePool:
+def make_pool(device: str, budget_bytes: int, page_bytes: int, gpu_memory_utilization: float = 0.9) -> PagePool:
+    """The device's page pool. On a GPU a zero budget means: this share of the GPU, less what is in use."""
     if device == "cpu":
         from memory.host_backend import HostBackend
 
         return PagePool(HostBackend(page_bytes), budget_bytes)
     from memory.cuda_backend import CudaBackend
 
-    return PagePool(CudaBackend(device, page_bytes), budget_bytes)
+    torch.cuda.set_device(torch.device(device))
+    if budget_bytes <= 0:
+        free, total = torch.cuda.mem_get_info()
+        headroom = 2 * 1024**3  # activations, CUDA graph pools, cuBLAS workspaces: outside the pool
+        budget_bytes = int(gpu_memory_utilization * total) - (total - free) - headroom
+    # Every page of a GPU budget is created up front and kept: mapping then never waits for cuMemCreate.
+    budget_pages = budget_bytes // page_bytes
+    return PagePool(CudaBackend(device, page_bytes), budget_bytes, reserve_pages=budget_pages)
 
 
 class Worker:
-    def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, parent_pid: int | None = None):
+    def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, store: HostWeightStore,
+                 parent_pid: int | None = None):
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.pool = pool
+        self.store = store
         self.parent_pid = parent_pid
         self.scheduler = LocalScheduler()
         self.engines: dict[str, Engine] = {}
@@ -53,8 +64,9 @@ class Worker:
         self._socket.setsockopt(zmq.LINGER, 1000)
         self._socket.connect(controller_address)
         self._handlers = {
-            m.LoadModel: self._on_load_model,
-            m.UnloadModel: self._on_unload_model,
+            m.Activate: self._on_activate,
+            m.Evict: self._on_evict,
+            m.Forget: self._on_forget,
             m.Generate: self._on_generate,
             m.Abort: self._on_abort,
             m.Shutdown: self._on_shutdown,
@@ -72,6 +84,7 @@ class Worker:
         finally:
             for engine in self.engines.values():
                 engine.close()
+            self.store.drop_all()
             self._socket.close()
             self._context.term()
 
@@ -135,26 +148,32 @@ class Worker:
 
     def _trim_idle_models(self) -> None:
         """Give the empty KV pages of models with no work back to the pool (hysteresis is for bursts)."""
-        for name, engine in self.engines.items():
-            queue = self.scheduler.queues[name]
+        for name, queue in self.scheduler.queues.items():
             if not queue.running and not queue.waiting:
-                engine.kv.trim(0)
+                self.engines[name].kv.trim(0)
 
     # --- handlers ---------------------------------------------------------------------------------
 
-    def _on_load_model(self, message: m.LoadModel) -> None:
+    def _on_activate(self, message: m.Activate) -> None:
         spec = message.spec
-        if spec.name in self.engines:
-            engine = self.engines[spec.name]
-            self._send(m.ModelLoaded(spec.name, None, engine.weight_bytes, 0.0, engine.kv.max_blocks))
+        engine = self.engines.get(spec.name)
+        if engine is not None and engine.spec != spec:  # the model was updated: rebuild its engine
+            self._forget(spec.name)
+            engine = None
+        if engine is not None and engine.active:
+            self._send(self._activated(engine))
             return
         try:
-            engine = Engine(spec, self.device, self.pool)
-        except Exception as exc:  # report any load failure to the controller, which fails the model's requests
-            logger.error("loading %s failed:\n%s", spec.name, traceback.format_exc())
-            self._send(m.ModelLoaded(spec.name, f"{type(exc).__name__}: {exc}"))
+            if engine is None:
+                engine = self.engines[spec.name] = Engine(spec, self.device, self.pool, self.store)
+            times = engine.activate()
+        except NotEnoughMemory as exc:
+            self._send(m.ModelActivated(spec.name, str(exc), "no_memory", weight_bytes=engine.weight_bytes if engine else 0))
             return
-        self.engines[spec.name] = engine
+        except Exception as exc:  # any load failure is reported; the controller fails the model's requests
+            logger.error("activating %s failed:\n%s", spec.name, traceback.format_exc())
+            self._send(m.ModelActivated(spec.name, f"{type(exc).__name__}: {exc}", "failed"))
+            return
         self.scheduler.add_model(
             ModelQueue(
                 name=spec.name,
@@ -167,22 +186,53 @@ class Worker:
                 priority=spec.priority,
             )
         )
-        logger.info("loaded %s in %.2f s (%.1f MiB of weights)", spec.name, engine.load_s, engine.weight_bytes / 2**20)
-        self._send(m.ModelLoaded(spec.name, None, engine.weight_bytes, engine.load_s, engine.kv.max_blocks))
+        logger.info(
+            "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
+            spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,
+        )
+        self._send(self._activated(engine))
 
-    def _on_unload_model(self, message: m.UnloadModel) -> None:
-        engine = self.engines.pop(message.name, None)
+    @staticmethod
+    def _activated(engine: Engine) -> m.ModelActivated:
+        t = engine.last_activation
+        return m.ModelActivated(
+            engine.spec.name, None, None, engine.weight_bytes, engine.kv.max_blocks,
+            t.stage_s, t.map_copy_s, t.build_s, t.graphs_s, t.total_s,
+        )
+
+    def _on_evict(self, message: m.Evict) -> None:
+        started = time.perf_counter()
+        failed = self._evict(message.name, f"the model was evicted ({message.reason})" if message.reason else "the model was evicted")
+        self._send(m.ModelEvicted(message.name, time.perf_counter() - started, failed))
+
+    def _on_forget(self, message: m.Forget) -> None:
+        self._forget(message.name)
+        self._send(m.ModelEvicted(message.name, 0.0, 0))
+
+    def _evict(self, name: str, error: str) -> int:
+        """Fail the model's unfinished requests, then unmap its weights and KV; return how many failed."""
+        engine = self.engines.get(name)
+        if engine is None or not engine.active:
+            return 0
+        orphans = self.scheduler.remove_model(name)
+        for seq in orphans:
+            engine.release(seq.req_id)
+        if orphans:
+            self._send(m.StepOutputs([m.TokenDelta(s.req_id, [], "error", error, "unavailable") for s in orphans]))
+        engine.deactivate()
+        logger.info("evicted %s (%d unfinished request(s) failed)", name, len(orphans))
+        return len(orphans)
+
+    def _forget(self, name: str) -> None:
+        self._evict(name, "the model was removed")
+        engine = self.engines.pop(name, None)
         if engine is not None:
-            orphans = self.scheduler.remove_model(message.name)
-            if orphans:
-                self._send(m.StepOutputs([m.TokenDelta(s.req_id, [], "error", "the model was unloaded", "unavailable") for s in orphans]))
             engine.close()
-        self._send(m.ModelUnloaded(message.name))
 
     def _on_generate(self, message: m.Generate) -> None:
         engine = self.engines.get(message.model)
         error = None
-        if engine is None:
+        if engine is None or not engine.active:
             error = f"model {message.model!r} is not loaded on this worker"
         elif not message.prompt_token_ids:
             error = "empty prompt"
@@ -191,7 +241,7 @@ class Worker:
         elif max(message.prompt_token_ids) >= engine.arch.vocab_size or min(message.prompt_token_ids) < 0:
             error = f"token ids must be in [0, {engine.arch.vocab_size})"
         if error is not None:
-            kind = "unavailable" if engine is None else "invalid_request"
+            kind = "unavailable" if engine is None or not engine.active else "invalid_request"
             self._send(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", error, kind)]))
             return
         params = message.sampling
@@ -226,12 +276,13 @@ class Worker:
     def model_stats(self) -> list[m.ModelStats]:
         stats = []
         for name, engine in self.engines.items():
-            queue = self.scheduler.queues[name]
+            queue = self.scheduler.queues.get(name)
             stats.append(
                 m.ModelStats(
                     name=name,
-                    num_waiting=len(queue.waiting),
-                    num_running=len(queue.running),
+                    active=engine.active,
+                    num_waiting=len(queue.waiting) if queue else 0,
+                    num_running=len(queue.running) if queue else 0,
                     num_kv_blocks_used=engine.kv.num_used_blocks,
                     num_kv_blocks_total=engine.kv.max_blocks,
                     kv_pages_mapped=engine.kv.num_mapped_pages,

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.factories import TINY_CONFIGS, make_pool, make_spec, make_tiny_checkpoint, smollm2_dir
 from workers.messages import SamplingParams
 from workers.offline import OfflineRunner
+from workers.weights.arch import Arch
+from workers.weights.layout import WeightLayout
 
 NUM_TOKENS = 40
 QUESTIONS = [
@@ -79,10 +81,12 @@ def test_preemption_under_memory_pressure_keeps_outputs_identical(tmp_path):
     prompts = [torch.randint(0, 512, (30,), generator=generator).tolist() for _ in range(6)]
     roomy = OfflineRunner(make_spec(directory), "cpu", make_pool())
     expected = roomy.generate(prompts, GREEDY)
-    # 4 KiB pages; a 16-token block of this model is 12 KiB; 48 pages = 16 blocks for 6 x 5 blocks needed.
-    tight_pool = make_pool(budget_bytes=48 * 4096, page_bytes=4096)
-    tight = OfflineRunner(make_spec(directory), "cpu", tight_pool)
+    # 4 KiB pages; a 16-token block of this model is 12 KiB; 48 KV pages = 16 blocks for 6 x 5 blocks needed.
+    spec = make_spec(directory)
+    weight_bytes = WeightLayout.of(Arch.from_hf_config(spec.hf_config), torch.float32).num_bytes
+    tight_pool = make_pool(budget_bytes=-(-weight_bytes // 4096) * 4096 + 48 * 4096, page_bytes=4096)
+    tight = OfflineRunner(spec, "cpu", tight_pool)
     assert tight.generate(prompts, GREEDY) == expected
     assert sum(seq.num_preemptions for seq in tight.last_sequences) > 0
     assert tight.engine.kv.num_used_blocks == 0
-    assert tight_pool.snapshot().pages_mapped <= tight.engine.kv.idle_pages
+    assert tight_pool.snapshot().kv_pages.get("model", 0) <= tight.engine.kv.idle_pages

@@ -1,17 +1,28 @@
-"""The built-in engine: one model on one device, its KV in the device's page pool.
+"""The built-in engine: one model on one device, its weights and KV in the device's page pool.
 
-The engine does not decide what runs: the worker's local scheduler hands it a StepPlan (which sequences,
-how many new tokens each) with KV blocks already allocated, and the engine runs that step and returns the
-sampled tokens. Narrow interface: `execute(plan)`, `release(req_id)`, `stats()`, `close()`.
+An engine is created once per (model, worker) and then activated and deactivated any number of times.
+Creation reserves address space only (weights range, KV range). Activation maps the weight pages and
+copies the model's host image into them, chunk by chunk, mapping the next chunk while the previous one
+is copied on one of several streams; the first activation also builds the model's tensor views and
+captures its CUDA graphs. Deactivation unmaps every page (the memory serves other models at once) but
+keeps the address ranges, the views and the graphs, so the next activation is map + copy and nothing
+else (Prism's engine pool).
+
+The engine does not decide what runs: the worker's local scheduler hands it a StepPlan with KV blocks
+already allocated; `execute(plan)` runs that step and returns the sampled tokens.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
-from memory import KVSpace, PagePool
+from memory import KVSpace, MemoryKind, PagePool
+from memory.host_store import HostWeightStore, image_key
 from scheduler.local import ScheduledChunk, StepPlan
 from workers.engine.batch import build_batch
 from workers.engine.cuda_graphs import DecodeGraphs
@@ -20,62 +31,232 @@ from workers.engine.sampler import Sampler
 from workers.messages import ModelSpec
 from workers.weights.arch import Arch
 from workers.weights.checkpoint import iter_dummy, iter_safetensors
+from workers.weights.layout import WeightLayout, fill
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COPY_CHUNK_PAGES = 32  # 64 MiB: large enough for full PCIe speed, small enough to pipeline with mapping
+COPY_STREAMS = 4
+
+
+class _ChunkMapper:
+    """Maps chunks of a range's pages in order, on a thread (`start`) or inline (`map`)."""
+
+    def __init__(self, pool: PagePool, vrange, chunks: list[range]):
+        self.pool, self.vrange, self.chunks = pool, vrange, chunks
+        self._done = [threading.Event() for _ in chunks]
+        self._ok = [False] * len(chunks)
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="weight-mapper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for index in range(len(self.chunks)):
+                if self._stopped or not self.map(index):
+                    break
+        except BaseException as exc:  # handed to the copying thread, which re-raises it
+            self.error = exc
+        finally:
+            for event in self._done:
+                event.set()
+
+    def map(self, index: int) -> bool:
+        self._ok[index] = self.pool.map_pages(self.vrange, self.chunks[index])
+        self._done[index].set()
+        return self._ok[index]
+
+    def wait(self, index: int) -> bool:
+        self._done[index].wait()
+        if self.error is not None:
+            raise self.error
+        return self._ok[index]
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
+class NotEnoughMemory(MemoryError):
+    """The pool cannot back this model's weights now; nothing is mapped. The controller evicts and retries."""
+
+
+@dataclass
+class ActivationTimes:
+    stage_s: float = 0.0  # host image built or found, pinned
+    map_copy_s: float = 0.0  # pages mapped and weights copied in
+    build_s: float = 0.0  # tensor views and model (first activation only)
+    graphs_s: float = 0.0  # CUDA graph capture (first activation only)
+    total_s: float = 0.0
 
 
 class Engine:
-    def __init__(self, spec: ModelSpec, device: torch.device, pool: PagePool):
-        started = time.monotonic()
+    def __init__(self, spec: ModelSpec, device: torch.device, pool: PagePool, store: HostWeightStore | None = None):
         self.spec = spec
         self.device = device
+        self.pool = pool
+        self.store = store
         self.dtype = DTYPES[spec.dtype]
         self.arch = Arch.from_hf_config(spec.hf_config)
-        self.model = self._load_model()
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self._weight_tensors())
+        self.layout = WeightLayout.of(self.arch, self.dtype)
+        self.weight_bytes = self.layout.num_bytes
         self.block_size = spec.block_size
         self.kv_block_shape = (self.arch.num_layers, 2, spec.block_size, self.arch.num_kv_heads, self.arch.head_dim)
         block_bytes = self.arch.kv_bytes_per_token(self.dtype) * spec.block_size
         # Address space for as many blocks as the whole pool could back: pages are mapped only on use.
         max_blocks = max(1, pool.budget_pages * pool.page_bytes // block_bytes)
-        self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks)
+        idle_pages = 16 if block_bytes >= pool.page_bytes // 2 else 2  # big blocks: avoid a map per block
+        self.weights = pool.reserve_range(spec.name, MemoryKind.WEIGHTS, self.weight_bytes)
+        self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks, idle_pages=idle_pages)
         self.kv_cache = self.kv.tensor(self.dtype, self.kv_block_shape)
         self.sampler = Sampler(device, seed=None)
-        self.graphs = self._capture_graphs() if device.type == "cuda" and spec.cuda_graphs else None
-        self.load_s = time.monotonic() - started
+        self.model: LlamaModel | None = None
+        self.graphs: DecodeGraphs | None = None
+        self._scratch: list[int] | None = None
+        self.active = False
+        self.last_activation = ActivationTimes()
 
-    def _capture_graphs(self) -> DecodeGraphs | None:
-        scratch = self.kv.allocate(1)  # padded graph rows write here; held for the engine's life
-        if scratch is None:
-            return None
-        graphs = DecodeGraphs(
-            self.model, self.kv_cache, self.block_size, self.spec.max_num_seqs,
-            max_blocks_per_seq=-(-self.spec.max_model_len // self.block_size), scratch_block=scratch[0],
-        )
-        graphs.capture()
-        return graphs
+    # --- activation -------------------------------------------------------------------------------
 
-    def _load_model(self) -> LlamaModel:
-        spec = self.spec
-        if spec.load_format == "dummy":
-            tensors = iter_dummy(self.arch, spec.seed, str(self.device), self.dtype)
+    def activate(self) -> ActivationTimes:
+        """Map and fill the weights; raise NotEnoughMemory (nothing mapped) if the pool cannot back them."""
+        assert not self.active
+        times = ActivationTimes()
+        started = time.perf_counter()
+        shortfall = self.weights.num_pages - self.pool.num_free_pages
+        if shortfall > 0 and not self.pool.reclaim_idle(shortfall):
+            raise NotEnoughMemory(
+                f"{self.spec.name} needs {self.weights.num_pages} pages for weights; "
+                f"{self.pool.num_free_pages} of {self.pool.budget_pages} are free"
+            )
+        if self.store is not None:
+            image = self.store.acquire(self._image_key(), self.weight_bytes, self._fill_image)
+            try:
+                image.pin(str(self.device))
+                times.stage_s = time.perf_counter() - started
+                mark = time.perf_counter()
+                self._map_and_copy(image.tensor)
+                times.map_copy_s = time.perf_counter() - mark
+            finally:
+                self.store.release(image)
         else:
-            tensors = iter_safetensors(spec.weights_dir, str(self.device), self.dtype)
-        ops = "triton" if self.device.type == "cuda" else "torch"
-        return LlamaModel.from_checkpoint(self.arch, spec.hf_config, tensors, self.device, self.dtype, ops)
+            mark = time.perf_counter()
+            self._map_and_copy(None)
+            times.map_copy_s = time.perf_counter() - mark
+        try:
+            mark = time.perf_counter()
+            if self.model is None:
+                views = self.layout.views(self.pool.tensor(self.weights)[: self.weight_bytes])
+                ops = "triton" if self.device.type == "cuda" else "torch"
+                self.model = LlamaModel.from_views(self.arch, self.spec.hf_config, views, ops)
+            times.build_s = time.perf_counter() - mark
+            mark = time.perf_counter()
+            self._prepare_graphs()
+            times.graphs_s = time.perf_counter() - mark
+        except BaseException:
+            self._unmap_weights()
+            raise
+        self.active = True
+        times.total_s = time.perf_counter() - started
+        self.last_activation = times
+        return times
 
-    def _weight_tensors(self) -> list[torch.Tensor]:
-        model = self.model
-        tensors = {id(t): t for t in (model.embed, model.final_norm, model.lm_head)}
-        for layer in model.layers:
-            for t in vars(layer).values():
-                if t is not None:
-                    tensors[id(t)] = t
-        return list(tensors.values())
+    def deactivate(self) -> None:
+        """Unmap weights and KV (every sequence must be gone); keep address ranges, views and graphs."""
+        if not self.active:
+            return
+        if self._scratch is not None:
+            self.kv.free(self._scratch)
+            self._scratch = None
+        assert self.kv.num_used_blocks == 0, "deactivating an engine that still holds KV blocks"
+        self.kv.trim(0)
+        self._unmap_weights()
+        self.active = False
+
+    def _image_key(self) -> str:
+        spec = self.spec
+        source = spec.weights_dir if spec.load_format != "dummy" else f"dummy-{spec.seed}"
+        return image_key(source, json.dumps(spec.hf_config, sort_keys=True), spec.dtype)
+
+    def _checkpoint(self, device: str):
+        if self.spec.load_format == "dummy":
+            return iter_dummy(self.arch, self.spec.seed, device, self.dtype)
+        return iter_safetensors(self.spec.weights_dir, "cpu", self.dtype)
+
+    def _fill_image(self, image: torch.Tensor) -> None:
+        # Dummy weights are generated on the device (fast) and copied down; files are read on the host.
+        fill(self.layout, self.layout.views(image), self._checkpoint(str(self.device)))
+
+    def _map_and_copy(self, image: torch.Tensor | None) -> None:
+        """Map the weight pages and copy the image in, chunk by chunk, mapping ahead of the copies.
+
+        On a GPU, mapping (cuMemMap + cuMemSetAccess, ~35 us per 2 MiB page) costs about as much as the
+        copy at PCIe speed, so a thread maps chunks while the copies of mapped chunks run on several streams.
+        """
+        chunks = [range(first, min(first + COPY_CHUNK_PAGES, self.weights.num_pages)) for first in range(0, self.weights.num_pages, COPY_CHUNK_PAGES)]
+        mapper = _ChunkMapper(self.pool, self.weights, chunks)
+        cuda = self.device.type == "cuda"
+        streams = [torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS)] if cuda and image is not None else []
+        target = self.pool.tensor(self.weights)
+        page = self.pool.page_bytes
+        try:
+            if cuda:
+                mapper.start()
+            for index, pages in enumerate(chunks):
+                if not (mapper.wait(index) if cuda else mapper.map(index)):
+                    raise NotEnoughMemory(f"{self.spec.name}: the pool ran out of pages while mapping weights")
+                if image is None:
+                    continue
+                start, end = pages.start * page, min(pages.stop * page, self.weight_bytes)
+                if streams:
+                    with torch.cuda.stream(streams[index % len(streams)]):
+                        target[start:end].copy_(image[start:end], non_blocking=True)
+                else:
+                    target[start:end].copy_(image[start:end])
+            if image is None:  # no host image: place tensors one by one (the naive path)
+                fill(self.layout, self.layout.views(target[: self.weight_bytes]), self._checkpoint(str(self.device)))
+        except BaseException:
+            mapper.stop()
+            for stream in streams:
+                stream.synchronize()
+            self._unmap_weights()
+            raise
+        finally:
+            mapper.join()
+        for stream in streams:
+            stream.synchronize()
+
+    def _unmap_weights(self) -> None:
+        mapped = [i for i in range(self.weights.num_pages) if self.weights.is_mapped(i)]
+        self.pool.unmap_pages(self.weights, mapped)
+
+    def _prepare_graphs(self) -> None:
+        if self.device.type != "cuda" or not self.spec.cuda_graphs:
+            return
+        self._scratch = self.kv.allocate(1)  # padded graph rows write here while the engine is active
+        if self._scratch is None:
+            raise NotEnoughMemory(f"{self.spec.name}: no KV block for the CUDA graphs' scratch space")
+        if self.graphs is None:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_cache, self.block_size, self.spec.max_num_seqs,
+                max_blocks_per_seq=-(-self.spec.max_model_len // self.block_size), scratch_block=self._scratch[0],
+            )
+            self.graphs.capture()
+        else:
+            self.graphs.scratch_block = self._scratch[0]
+
+    # --- steps ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[str, int]:
         """Run one step; return the sampled token of every sequence whose chunk reached its end."""
+        assert self.active, f"{self.spec.name} is not active"
         if not plan.chunks:
             return {}
         logits = self._logits(plan.chunks)
@@ -114,5 +295,10 @@ class Engine:
         self.sampler.forget(req_id)
 
     def close(self) -> None:
+        """Deactivate and give the address ranges back (the model is removed from this worker)."""
+        self.deactivate()
+        self.graphs = None
+        self.model = None
         del self.kv_cache
         self.kv.close()
+        self.pool.release_range(self.weights)

@@ -132,10 +132,7 @@ class LlamaModel:
         q = q.view(-1, arch.num_heads, arch.head_dim)
         k = k.view(-1, arch.num_kv_heads, arch.head_dim)
         v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-        if layer.q_norm is not None:  # per-head norm (Qwen3): rows of head_dim
-            q = ops.rms_norm(q.reshape(-1, arch.head_dim), layer.q_norm, arch.rms_norm_eps).view(q.shape)
-            k = ops.rms_norm(k.reshape(-1, arch.head_dim), layer.k_norm, arch.rms_norm_eps).view(k.shape)
-        q = ops.rope_and_cache(q, k, v, batch, kv_cache, index)
+        q = ops.rope_and_cache(q, k, v, batch, kv_cache, index, layer.q_norm, layer.k_norm, arch.rms_norm_eps)
         out = ops.attention(q, kv_cache, index, batch, self.scale)
         return F.linear(out.reshape(-1, self.q_size), layer.o)
 

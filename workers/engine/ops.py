@@ -42,7 +42,11 @@ class TorchOps:
         residual = residual + delta
         return rms_norm(residual, weight, eps), residual
 
-    def rope_and_cache(self, q, k, v, batch: ForwardBatch, kv_cache, layer):
+    def rope_and_cache(self, q, k, v, batch: ForwardBatch, kv_cache, layer, q_norm=None, k_norm=None, eps=0.0):
+        """Rotate q and k (after Qwen3's per-head q/k norm, if given); store k and v in the cache; return q."""
+        if q_norm is not None:
+            q = rms_norm(q, q_norm, eps)
+            k = rms_norm(k, k_norm, eps)
         cos, sin = self._cos_sin(batch.positions, q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -84,9 +88,10 @@ class TritonOps:
         normed = self._kernels.fused_add_rms_norm(delta, residual, weight, eps)
         return normed, residual  # residual was updated in place
 
-    def rope_and_cache(self, q, k, v, batch: ForwardBatch, kv_cache, layer):
+    def rope_and_cache(self, q, k, v, batch: ForwardBatch, kv_cache, layer, q_norm=None, k_norm=None, eps=0.0):
         self._kernels.rope_and_cache(
-            q, k, v, batch.positions, self.inv_freq, self.rope_scaling, kv_cache, layer, batch.slot_block_ids, batch.slot_offsets
+            q, k, v, batch.positions, self.inv_freq, self.rope_scaling, kv_cache, layer, batch.slot_block_ids,
+            batch.slot_offsets, q_norm=q_norm, k_norm=k_norm, norm_eps=eps if q_norm is not None else None,
         )
         return q
 

@@ -1,0 +1,152 @@
+"""Host weight store: each model's weight image staged once per host in shared memory, pinned in every worker.
+
+An image is the model's weights in their final byte layout (workers/weights/layout.py), so activating a
+model is one contiguous copy from host to device memory, at PCIe line rate when the host side is pinned.
+Images live in files under /dev/shm (POSIX shared memory): the first worker that needs one builds it
+under a lock and marks it complete; every other worker on the host maps the same file. The store keeps
+images within a byte budget, dropping least recently used ones that no engine is holding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
+
+
+@dataclass(eq=False)
+class HostImage:
+    key: str
+    path: Path
+    num_bytes: int
+    tensor: torch.Tensor  # uint8 view over the shared mapping
+    _mapping: mmap.mmap = field(repr=False)
+    pinned_on: str | None = None
+    users: int = 0
+
+    def pin(self, device: str) -> None:
+        """Page-lock the mapping for DMA (cudaHostRegister) so copies to `device` run at line rate."""
+        if self.pinned_on is not None or not device.startswith("cuda"):
+            return
+        result = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.num_bytes, 0)
+        if int(result) != 0:
+            raise RuntimeError(f"cudaHostRegister of {self.num_bytes} bytes failed with error {int(result)}")
+        self.pinned_on = device
+
+    def close(self) -> None:
+        if self.pinned_on is not None:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned_on = None
+        del self.tensor
+        self._mapping.close()
+
+
+def image_key(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+class HostWeightStore:
+    def __init__(self, budget_bytes: int, root: Path = DEFAULT_ROOT, prefix: str = "prism-weights-"):
+        self.budget_bytes = budget_bytes
+        self.root = Path(root)
+        self.prefix = prefix
+        self._images: OrderedDict[str, HostImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(image.num_bytes for image in self._images.values())
+
+    def acquire(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None]) -> HostImage:
+        """The image `key`, built with `fill(uint8 tensor)` if no process on this host built it yet.
+
+        The caller holds it (it is not dropped) until `release`.
+        """
+        with self._lock:
+            image = self._images.get(key)
+            if image is None:
+                image = self._open(key, num_bytes, fill)
+                self._images[key] = image
+            self._images.move_to_end(key)
+            image.users += 1
+            self._trim_locked()
+            return image
+
+    def release(self, image: HostImage) -> None:
+        with self._lock:
+            image.users -= 1
+            self._trim_locked()
+
+    def drop_all(self, unlink: bool = False) -> None:
+        with self._lock:
+            for image in self._images.values():
+                image.close()
+                if unlink:
+                    image.path.unlink(missing_ok=True)
+            self._images.clear()
+
+    def _trim_locked(self) -> None:
+        """Drop least recently used images nobody holds until the store fits its budget."""
+        for key in list(self._images):
+            if self.num_bytes <= self.budget_bytes:
+                return
+            image = self._images[key]
+            if image.users == 0:
+                logger.info("host store: dropping image %s (%.1f GiB)", key, image.num_bytes / 2**30)
+                image.close()
+                image.path.unlink(missing_ok=True)
+                del self._images[key]
+
+    def _open(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None]) -> HostImage:
+        path = self.root / f"{self.prefix}{key}"
+        stat = os.statvfs(self.root)
+        if not path.exists() and stat.f_bavail * stat.f_frsize < num_bytes:
+            # Writing past the end of a full tmpfs would kill the process with SIGBUS: refuse instead.
+            raise MemoryError(f"{self.root} has {stat.f_bavail * stat.f_frsize} bytes free; a weight image needs {num_bytes}")
+        done = path.with_name(path.name + ".complete")
+        with _file_lock(path.with_name(path.name + ".lock")):
+            if not done.exists() or path.stat().st_size != num_bytes:
+                done.unlink(missing_ok=True)
+                image = self._map(key, path, num_bytes, create=True)
+                fill(image.tensor)
+                image._mapping.flush()
+                done.touch()
+                return image
+        return self._map(key, path, num_bytes, create=False)
+
+    @staticmethod
+    def _map(key: str, path: Path, num_bytes: int, create: bool) -> HostImage:
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, num_bytes)
+            mapping = mmap.mmap(fd, num_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        tensor = torch.frombuffer(mapping, dtype=torch.uint8)
+        return HostImage(key, path, num_bytes, tensor, mapping)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
