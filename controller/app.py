@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller.auth import Auth
 from controller.errors import APIError, InvalidRequest, RequestTooLarge
 from controller.registry import Registry
-from controller.routes import openai_routes
+from controller.routes import admin_routes, openai_routes
 from controller.server import Server
 from controller.serving import ClientDisconnected
 
@@ -23,12 +23,12 @@ logger = logging.getLogger("prism.controller")
 _STATUS_TYPES = {404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
-def create_app(registry: Registry, cache_dir: Path, server: Server | None = None) -> FastAPI:
+def create_app(registry: Registry, cache_dir: Path, server: Server | None = None, registry_path: Path | None = None) -> FastAPI:
     """The app for a registry; `server` may be passed prebuilt (its catalog prepared), else it is built."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        srv = server or Server.from_registry(registry, cache_dir)
+        srv = server or Server.from_registry(registry, cache_dir, registry_path)
         await srv.start()
         app.state.server = srv
         try:
@@ -40,6 +40,7 @@ def create_app(registry: Registry, cache_dir: Path, server: Server | None = None
     app.state.auth = Auth(registry.server)
     app.add_middleware(BodySizeLimit, max_bytes=registry.server.max_body_bytes)
     app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
     _install_error_handlers(app)
     return app
 

@@ -30,6 +30,7 @@ class CatalogEntry:
     weights_dir: Path | None  # prepared HF directory; None for dummy weights
     hf_config: dict
     tokenizer: ModelTokenizer
+    tokenizer_dir: Path
     eos_token_ids: list[int]
     max_model_len: int
     arch: Arch
@@ -38,8 +39,8 @@ class CatalogEntry:
     def name(self) -> str:
         return self.config.name
 
-    def spec(self, device: str, block_size: int) -> ModelSpec:
-        """What a worker on `device` needs to host this model."""
+    def spec(self, device: str, block_size: int, kv_budget_bytes: int | None = None) -> ModelSpec:
+        """What a worker on `device` needs to host this model (`kv_budget_bytes`: a fixed KV cap, static policy)."""
         dtype = self.config.dtype
         if dtype == "auto":
             dtype = "float32" if device == "cpu" else "bfloat16"
@@ -58,6 +59,7 @@ class CatalogEntry:
             ttft_slo_s=self.config.slo.ttft_s,
             tpot_slo_s=self.config.slo.tpot_s,
             priority=self.config.priority,
+            kv_budget_bytes=kv_budget_bytes,
         )
 
 
@@ -78,41 +80,54 @@ def prepare_weights(config: ModelConfig, cache_dir: Path) -> Path | None:
 
 def build_catalog(registry: Registry, cache_dir: Path) -> dict[str, CatalogEntry]:
     """Prepare every model of the registry (cached after the first time) and load the tokenizers."""
-    weights: dict[str, Path | None] = {}
-    for config in registry.models:
-        try:
-            weights[config.name] = prepare_weights(config, cache_dir)
-        except PreparationError as exc:
-            raise CatalogError(f"model {config.name!r}: {exc}") from None
+    catalog: dict[str, CatalogEntry] = {}
+    weights = {config.name: _prepare(config, cache_dir) for config in registry.models}
     tokenizers: dict[str, ModelTokenizer] = {}
-    catalog = {}
     for config in registry.models:
-        weights_dir = weights[config.name]
-        try:
-            config_file = weights_dir / "config.json" if weights_dir else config.config
-            hf_config = json.loads(Path(config_file).read_text())
-            arch = Arch.from_hf_config(hf_config)
-            tokenizer_dir = _tokenizer_dir(config, weights, arch, cache_dir)
-            if str(tokenizer_dir) not in tokenizers:
-                tokenizers[str(tokenizer_dir)] = ModelTokenizer(tokenizer_dir)
-        except (OSError, ValueError, UnsupportedModel) as exc:
-            raise CatalogError(f"model {config.name!r}: {exc}") from None
-        tokenizer = tokenizers[str(tokenizer_dir)]
-        if tokenizer.vocab_size > arch.vocab_size:
-            raise CatalogError(
-                f"model {config.name!r}: tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}"
-            )
-        max_len = config.max_model_len or min(arch.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
-        catalog[config.name] = CatalogEntry(
-            config=config,
-            weights_dir=weights_dir,
-            hf_config=hf_config,
-            tokenizer=tokenizer,
-            eos_token_ids=_eos_ids(hf_config, tokenizer, weights_dir),
-            max_model_len=max_len,
-            arch=arch,
-        )
+        catalog[config.name] = _entry(config, weights, cache_dir, tokenizers)
     return catalog
+
+
+def build_entry(config: ModelConfig, cache_dir: Path, catalog: dict[str, CatalogEntry]) -> CatalogEntry:
+    """Prepare one model added at run time; it may share the tokenizer of a model already in `catalog`."""
+    weights = {name: entry.weights_dir for name, entry in catalog.items()}
+    weights[config.name] = _prepare(config, cache_dir)
+    tokenizers = {str(e.tokenizer_dir): e.tokenizer for e in catalog.values()}
+    return _entry(config, weights, cache_dir, tokenizers)
+
+
+def _prepare(config: ModelConfig, cache_dir: Path) -> Path | None:
+    try:
+        return prepare_weights(config, cache_dir)
+    except PreparationError as exc:
+        raise CatalogError(f"model {config.name!r}: {exc}") from None
+
+
+def _entry(config: ModelConfig, weights: dict[str, Path | None], cache_dir: Path, tokenizers: dict[str, ModelTokenizer]) -> CatalogEntry:
+    weights_dir = weights[config.name]
+    try:
+        config_file = weights_dir / "config.json" if weights_dir else config.config
+        hf_config = json.loads(Path(config_file).read_text())
+        arch = Arch.from_hf_config(hf_config)
+        tokenizer_dir = _tokenizer_dir(config, weights, arch, cache_dir)
+        if str(tokenizer_dir) not in tokenizers:
+            tokenizers[str(tokenizer_dir)] = ModelTokenizer(tokenizer_dir)
+    except (OSError, ValueError, UnsupportedModel) as exc:
+        raise CatalogError(f"model {config.name!r}: {exc}") from None
+    tokenizer = tokenizers[str(tokenizer_dir)]
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise CatalogError(f"model {config.name!r}: tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}")
+    max_len = config.max_model_len or min(arch.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
+    return CatalogEntry(
+        config=config,
+        weights_dir=weights_dir,
+        hf_config=hf_config,
+        tokenizer=tokenizer,
+        tokenizer_dir=Path(tokenizer_dir),
+        eos_token_ids=_eos_ids(hf_config, tokenizer, weights_dir),
+        max_model_len=max_len,
+        arch=arch,
+    )
 
 
 def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None], arch: Arch, cache_dir: Path) -> Path:

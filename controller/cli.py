@@ -14,8 +14,12 @@ from workers.weights.prepare import default_cache_dir
 logger = logging.getLogger("prism")
 
 
+def _registry_path(config: str | None) -> Path:
+    return Path(config).resolve() if config else default_registry_path()
+
+
 def _load(config: str | None) -> Registry:
-    path = Path(config) if config else default_registry_path()
+    path = _registry_path(config)
     try:
         return load_registry(path)
     except RegistryError as exc:
@@ -46,7 +50,7 @@ def serve(args: argparse.Namespace) -> None:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     catalog = _catalog(registry, cache_dir)
     try:
-        server = Server(registry, catalog)
+        server = Server(registry, catalog, cache_dir, _registry_path(args.config))
     except ValueError as exc:
         print(f"prism: invalid registry: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -37,6 +37,19 @@ class Metrics:
         self.eviction_seconds = Histogram("prism:model_eviction_seconds", "Eviction time (drain included).", labels, buckets=ACTIVATION_BUCKETS, registry=r)
         if state_source is not None:
             self.registry.register(_StateCollector(state_source))
+        self.attainment: dict[tuple[str, str], list[int]] = {}  # (model, slo) -> [met, missed], for the admin API
+
+    def slo_attainment(self, model: str) -> dict[str, float | None]:
+        result = {}
+        for slo in ("ttft", "tpot"):
+            met, missed = self.attainment.get((model, slo), (0, 0))
+            result[slo] = met / (met + missed) if met + missed else None
+        return result
+
+    def _count_slo(self, model: str, slo: str, met: bool) -> None:
+        (self.slo_met if met else self.slo_missed).labels(model, slo).inc()
+        counts = self.attainment.setdefault((model, slo), [0, 0])
+        counts[0 if met else 1] += 1
 
     def request_finished(self, model: str, outcome: str, prompt_tokens: int, generated: int, ttft_s: float | None,
                          tpot_s: float | None, e2e_s: float, ttft_slo_s: float, tpot_slo_s: float) -> None:
@@ -46,10 +59,10 @@ class Metrics:
         self.e2e.labels(model).observe(e2e_s)
         if ttft_s is not None:
             self.ttft.labels(model).observe(ttft_s)
-            (self.slo_met if ttft_s <= ttft_slo_s else self.slo_missed).labels(model, "ttft").inc()
+            self._count_slo(model, "ttft", ttft_s <= ttft_slo_s)
         if tpot_s is not None:
             self.tpot.labels(model).observe(tpot_s)
-            (self.slo_met if tpot_s <= tpot_slo_s else self.slo_missed).labels(model, "tpot").inc()
+            self._count_slo(model, "tpot", tpot_s <= tpot_slo_s)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

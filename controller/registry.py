@@ -66,14 +66,30 @@ class SchedulerConfig(_Strict):
     policy: Literal["prism", "static", "swap"] = "prism"
     """Placement and eviction policy: `prism` (default), or the `static` / `swap` baselines."""
     idle_evict_s: float = Field(45.0, gt=0)
-    """A model idle this long may be evicted when its memory is needed."""
+    """A model idle this long may be evicted when its memory is needed (Prism: < 40 s thrashes)."""
+    max_idle_s: float | None = Field(None, gt=0)
+    """Evict a model idle this long even when nobody needs its memory; none (default): never."""
     rate_window_s: float = Field(60.0, gt=0)
     """Sliding window for request and token rates."""
+    migration_gain: float = Field(0.2, ge=0)
+    """Hysteresis: a migration must lower the larger device pressure by this fraction."""
+    migration_cooldown_s: float = Field(60.0, ge=0)
+    """A model that moved is not moved again for this long."""
+    min_kv_reserve_tokens: int = Field(4096, ge=0)
+    """A model is placed on a device only if this many tokens of its KV fit beside its weights."""
+    evict_drain_timeout_s: float = Field(30.0, ge=0)
+    """An eviction waits this long for the model's running requests to finish; the rest fail (503)."""
+    max_models_per_device: int = Field(1, ge=1)
+    """`swap` baseline: resident models per device."""
+    swap_keep_alive_s: float = Field(300.0, gt=0)
+    """`swap` baseline: unload a model idle this long."""
 
 
 class MemoryConfig(_Strict):
     cpu_budget_bytes: ByteSize = ByteSize(4 * 1024**3)
-    """Bytes of host memory the CPU worker's page pool may map for KV (and weights, once pooled)."""
+    """Bytes of host memory the CPU worker's page pool maps for models' weights and KV."""
+    host_store_bytes: ByteSize = ByteSize(32 * 1024**3)
+    """Shared host memory for staged weight images (fast re-activation); least recently used dropped first."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     """Share of each GPU's memory given to its page pool."""
     page_bytes: ByteSize = ByteSize(2 * 1024**2)
@@ -224,31 +240,46 @@ def _check_files(registry: Registry, base: Path) -> Registry:
     models = []
     names = {m.name for m in registry.models}
     for model in registry.models:
-        updates: dict[str, Any] = {}
-        for field, want_dir in (("path", True), ("gguf", False), ("config", False)):
-            value = getattr(model, field)
-            if value is None:
-                continue
-            resolved = (base / value.expanduser()).resolve()
-            ok = resolved.is_dir() if want_dir else resolved.is_file()
-            if not ok:
-                kind = "directory" if want_dir else "file"
-                problems.append(f"model {model.name!r}: field {field!r}: no such {kind}: {resolved}")
-            updates[field] = resolved
-        if model.tokenizer is not None and model.tokenizer not in names:
-            tok_dir = (base / Path(model.tokenizer).expanduser()).resolve()
-            if not tok_dir.is_dir():
-                problems.append(
-                    f"model {model.name!r}: field 'tokenizer': {model.tokenizer!r} is neither a model "
-                    f"in this registry nor a directory"
-                )
-            updates["tokenizer"] = str(tok_dir)
-        if model.tokenizer == model.name:
-            problems.append(f"model {model.name!r}: field 'tokenizer': names the model itself")
-        models.append(model.model_copy(update=updates))
+        resolved, model_problems = _resolve_model(model, base, names)
+        problems += model_problems
+        models.append(resolved)
     if problems:
         raise RegistryError("\n".join(problems))
     return registry.model_copy(update={"models": models})
+
+
+def resolve_model(model: ModelConfig, base: Path, names: set[str]) -> ModelConfig:
+    """One model added at run time: paths resolved against `base`, files checked. Raises RegistryError."""
+    resolved, problems = _resolve_model(model, base, names | {model.name})
+    if problems:
+        raise RegistryError("\n".join(problems))
+    return resolved
+
+
+def _resolve_model(model: ModelConfig, base: Path, names: set[str]) -> tuple[ModelConfig, list[str]]:
+    problems: list[str] = []
+    updates: dict[str, Any] = {}
+    for field, want_dir in (("path", True), ("gguf", False), ("config", False)):
+        value = getattr(model, field)
+        if value is None:
+            continue
+        resolved = (base / value.expanduser()).resolve()
+        ok = resolved.is_dir() if want_dir else resolved.is_file()
+        if not ok:
+            kind = "directory" if want_dir else "file"
+            problems.append(f"model {model.name!r}: field {field!r}: no such {kind}: {resolved}")
+        updates[field] = resolved
+    if model.tokenizer is not None and model.tokenizer not in names:
+        tok_dir = (base / Path(model.tokenizer).expanduser()).resolve()
+        if not tok_dir.is_dir():
+            problems.append(
+                f"model {model.name!r}: field 'tokenizer': {model.tokenizer!r} is neither a model "
+                f"in this registry nor a directory"
+            )
+        updates["tokenizer"] = str(tok_dir)
+    if model.tokenizer == model.name:
+        problems.append(f"model {model.name!r}: field 'tokenizer': names the model itself")
+    return model.model_copy(update=updates), problems
 
 
 def parse_registry(text: str, source: str, base: Path) -> Registry:

@@ -1,13 +1,15 @@
-"""The controller's resources in one object: catalog, worker channel, workers, engine client, serving.
+"""The controller's resources in one object: catalog, worker channel, workers, model manager, serving.
 
-Built from a validated registry; `start()` launches one worker per device and places the models on them,
+Built from a validated registry; `start()` launches one worker per device and activates what fits,
 `stop()` drains in-flight requests and stops the workers. Tests build it without HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -16,10 +18,14 @@ import msgspec
 from controller.catalog import CatalogEntry, build_catalog
 from controller.channel import WorkerChannel
 from controller.engine_client import EngineClient
+from controller.events import EventLog
 from controller.metrics import Metrics
+from controller.models import ModelManager
 from controller.registry import Registry
+from controller.registry_ops import RegistryOps
 from controller.serving import OpenAIServing
 from controller.worker_handle import WorkerHandle
+from memory.host_store import DEFAULT_ROOT
 
 logger = logging.getLogger("prism.controller")
 
@@ -36,65 +42,71 @@ def resolve_devices(devices: list[str] | str) -> list[str]:
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
-def place_models(registry: Registry, devices: list[str]) -> dict[str, str]:
-    """Static placement: a model's `device` if it names one, else round-robin over the devices."""
-    placement = {}
-    for index, model in enumerate(registry.models):
-        if model.device is not None and model.device not in devices:
-            raise ValueError(f"model {model.name!r} asks for device {model.device!r}, which is not in `devices` {devices}")
-        placement[model.name] = model.device or devices[index % len(devices)]
-    return placement
-
-
 class Server:
-    def __init__(self, registry: Registry, catalog: dict[str, CatalogEntry]):
+    def __init__(self, registry: Registry, catalog: dict[str, CatalogEntry], cache_dir: Path, registry_path: Path | None = None):
         self.registry = registry
         self.catalog = catalog
+        self.cache_dir = cache_dir
+        self.registry_path = registry_path
         self.devices = resolve_devices(registry.devices)
-        self.placement = place_models(registry, self.devices)
+        for model in registry.models:
+            if model.device is not None and model.device not in self.devices:
+                raise ValueError(f"model {model.name!r} asks for device {model.device!r}, which is not in `devices` {self.devices}")
+        self.store_prefix = f"prism-weights-{os.getpid()}-"
         self.channel: WorkerChannel | None = None
         self.workers: dict[str, WorkerHandle] = {}
+        self.events = EventLog()
+        self.metrics = Metrics(self._metric_state)
+        self.manager: ModelManager | None = None
         self.client: EngineClient | None = None
         self.serving: OpenAIServing | None = None
-        self.metrics = Metrics(self._metric_state)
+
+        self.registry_ops = RegistryOps(self)
 
     @classmethod
-    def from_registry(cls, registry: Registry, cache_dir: Path) -> Server:
-        return cls(registry, build_catalog(registry, cache_dir))
+    def from_registry(cls, registry: Registry, cache_dir: Path, registry_path: Path | None = None) -> Server:
+        return cls(registry, build_catalog(registry, cache_dir), cache_dir, registry_path)
+
+    def _worker_args(self, device: str) -> list[str]:
+        memory = self.registry.memory
+        budget = int(memory.cpu_budget_bytes) if device == "cpu" else 0
+        local_policy = "prism" if self.registry.scheduler.policy == "prism" else "fcfs"
+        return [
+            "--budget-bytes", str(budget),
+            "--page-bytes", str(int(memory.page_bytes)),
+            "--gpu-memory-utilization", str(memory.gpu_memory_utilization),
+            "--host-store-bytes", str(int(memory.host_store_bytes)),
+            "--store-prefix", self.store_prefix,
+            "--local-policy", local_policy,
+        ]
 
     async def start(self) -> None:
-        memory = self.registry.memory
         self.channel = WorkerChannel()
         self.channel.start()
         for device in self.devices:
-            budget = int(memory.cpu_budget_bytes) if device == "cpu" else 0
-            self.workers[device] = WorkerHandle(device, device, self.channel, budget, int(memory.page_bytes))
-        for model, device in self.placement.items():
-            self.workers[device].place(self.catalog[model].spec(device, memory.block_size))
-        await asyncio.gather(*(worker.start() for worker in self.workers.values()))
-        self.client = EngineClient(self.catalog, self.workers, self.placement, self.registry.server)
+            self.workers[device] = WorkerHandle(device, device, self.channel, self._worker_args(device))
+        self.manager = ModelManager(self.registry, self.catalog, self.workers, self.metrics, self.events)
+        self.client = EngineClient(self.manager, self.registry.server)
         self.serving = OpenAIServing(self.catalog, self.client, self.registry.server, self.metrics)
-
-    async def wait_ready(self, timeout_s: float) -> bool:
-        """True once every model is loaded on its worker."""
-        checks = [self.workers[d].wait_model_ready(m, timeout_s) for m, d in self.placement.items()]
-        return all(await asyncio.gather(*checks))
+        await asyncio.gather(*(worker.start() for worker in self.workers.values()))
+        await self.manager.start()
 
     def health(self) -> dict:
-        models = {}
-        for model, device in self.placement.items():
-            worker = self.workers.get(device)
-            slot = worker.slots.get(model) if worker else None
-            models[model] = "ready" if slot and slot.ready.is_set() else ("failed" if slot and slot.error else "loading")
+        runtimes = self.manager.runtimes if self.manager else {}
+        models = {name: {"state": r.state.value, "device": r.device, "error": r.error} for name, r in runtimes.items()}
         workers = {wid: self._worker_report(w) for wid, w in self.workers.items()}
-        ok = all(state == "ready" for state in models.values())
-        return {"status": "ok" if ok else "degraded", "models": models, "workers": workers}
+        restoring = sorted(self.manager.restoring) if self.manager else []
+        ok = bool(workers) and all(w["state"] == "ready" for w in workers.values()) and not restoring
+        ok = ok and not any(m["error"] for m in models.values())
+        return {"status": "ok" if ok else "degraded", "models": models, "workers": workers, "restoring": restoring}
 
     def _metric_state(self):
         in_flight = self.client.in_flight if self.client else {}
+        runtimes = self.manager.runtimes if self.manager else {}
         by_device: dict[str, dict[str, int]] = {d: {} for d in self.workers}
         for model, count in in_flight.items():
-            by_device.setdefault(self.placement.get(model, "?"), {})[model] = count
+            device = runtimes[model].device if model in runtimes else None
+            by_device.setdefault(device or "none", {})[model] = count
         return [(device, worker.last_heartbeat, by_device.get(device, {})) for device, worker in self.workers.items()]
 
     @staticmethod
@@ -110,9 +122,13 @@ class Server:
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Let in-flight requests finish (up to `drain_timeout_s`), then stop the workers."""
         if self.client is not None:
-            deadline = asyncio.get_running_loop().time() + drain_timeout_s
-            while self.client.num_in_flight and asyncio.get_running_loop().time() < deadline:
+            deadline = time.monotonic() + drain_timeout_s
+            while self.client.num_in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+        if self.manager is not None:
+            await self.manager.stop()
         await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
         if self.channel is not None:
             await self.channel.close()
+        for path in glob.glob(str(DEFAULT_ROOT / f"{self.store_prefix}*")):  # this server's weight images
+            Path(path).unlink(missing_ok=True)

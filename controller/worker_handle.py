@@ -1,19 +1,21 @@
-"""One worker process as the controller sees it: its models, its in-flight requests, its supervision.
+"""One worker process as the controller sees it: its channel, its in-flight requests, its supervision.
 
-The handle starts the worker, sends it the models placed on it once it reports ready, routes its token
-deltas to the requests' streams, and watches the process: when it exits unexpectedly, every in-flight
-request of it is failed at once (a 5xx, never a hang), its models are marked not ready (new requests wait),
-and it is restarted with backoff and given its models again.
+The handle starts the worker and restarts it when it exits unexpectedly: every in-flight request of it
+is failed at once (a 5xx, never a hang), pending activations and evictions fail, and the model manager
+is told that the worker's models are gone (they are activated again on demand). `activate` and `evict`
+send the message and wait for the worker's reply; `submit` and `abort` carry requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from controller.channel import WorkerChannel
 from workers import messages as m
@@ -23,15 +25,8 @@ logger = logging.getLogger("prism.controller")
 RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
 
 
-@dataclass
-class ModelSlot:
-    spec: m.ModelSpec
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
-    error: str | None = None
-    weight_bytes: int = 0
-    load_s: float = 0.0
-    num_kv_blocks: int = 0
-    failed: asyncio.Event = field(default_factory=asyncio.Event)
+class WorkerGone(RuntimeError):
+    """The worker exited (or is stopping) before it answered; the caller fails or retries its operation."""
 
 
 @dataclass(eq=False)
@@ -43,9 +38,11 @@ class RequestStream:
     worker_id: str
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     finished: bool = False
+    num_tokens: int = 0
 
     async def next(self) -> m.TokenDelta:
         delta = await self.queue.get()
+        self.num_tokens += len(delta.token_ids)
         if delta.finish_reason is not None:
             self.finished = True
         return delta
@@ -63,28 +60,31 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerHandle:
-    def __init__(self, worker_id: str, device: str, channel: WorkerChannel, budget_bytes: int, page_bytes: int):
+    def __init__(self, worker_id: str, device: str, channel: WorkerChannel, worker_args: list[str]):
         self.worker_id = worker_id
         self.device = device
         self.channel = channel
-        self.budget_bytes = budget_bytes
-        self.page_bytes = page_bytes
+        self.worker_args = worker_args
         self.state = "stopped"  # stopped | starting | ready | dead
         self.pid: int | None = None
         self.num_restarts = 0
-        self.slots: dict[str, ModelSlot] = {}
+        self.pool_budget_bytes = 0
         self.streams: dict[str, RequestStream] = {}
         self.last_heartbeat: m.Heartbeat | None = None
         self.last_heartbeat_s = 0.0
+        self.on_exit: Callable[[WorkerHandle], None] | None = None  # the model manager's hooks
+        self.on_ready: Callable[[WorkerHandle], None] | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
         self._ready = asyncio.Event()
+        self._activations: dict[str, asyncio.Future] = {}
+        self._evictions: dict[str, asyncio.Future] = {}
         channel.register(worker_id, self.on_message)
         self._handlers = {
             m.WorkerReady: self._on_ready,
-            m.ModelLoaded: self._on_model_loaded,
-            m.ModelUnloaded: lambda msg: None,
+            m.ModelActivated: self._on_activated,
+            m.ModelEvicted: self._on_evicted,
             m.StepOutputs: self._on_step_outputs,
             m.Heartbeat: self._on_heartbeat,
         }
@@ -96,18 +96,22 @@ class WorkerHandle:
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.worker_id}")
 
-    async def _spawn(self) -> None:
-        import os
+    async def wait_ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
+    async def _spawn(self) -> None:
         command = [
             sys.executable, "-m", "workers.main",
             "--controller", self.channel.address,
             "--device", self.device,
             "--worker-id", self.worker_id,
-            "--budget-bytes", str(self.budget_bytes),
-            "--page-bytes", str(self.page_bytes),
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(logging.getLogger("prism").getEffectiveLevel()),
+            *self.worker_args,
         ]
         self.state = "starting"
         self._process = await asyncio.create_subprocess_exec(*command)
@@ -137,11 +141,19 @@ class WorkerHandle:
         logger.error("%s; failing %d in-flight request(s) and restarting it", reason, len(self.streams))
         self.state = "dead"
         self._ready.clear()
-        for slot in self.slots.values():
-            slot.ready.clear()
+        self._fail_everything(f"{reason} while serving this request", "internal", WorkerGone(reason))
+        if self.on_exit is not None:
+            self.on_exit(self)
+
+    def _fail_everything(self, message: str, kind: str, error: Exception) -> None:
         for stream in list(self.streams.values()):
-            stream.queue.put_nowait(m.TokenDelta(stream.req_id, [], "error", f"{reason} while serving this request", "internal"))
+            stream.queue.put_nowait(m.TokenDelta(stream.req_id, [], "error", message, kind))
         self.streams.clear()
+        for future in [*self._activations.values(), *self._evictions.values()]:
+            if not future.done():
+                future.set_exception(error)
+        self._activations.clear()
+        self._evictions.clear()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout_s`. Fails what is still in flight."""
@@ -160,39 +172,42 @@ class WorkerHandle:
                 await process.wait()
         if self._supervisor is not None:
             self._supervisor.cancel()
-        for stream in list(self.streams.values()):
-            stream.queue.put_nowait(m.TokenDelta(stream.req_id, [], "error", "the server is shutting down", "unavailable"))
-        self.streams.clear()
+        self._fail_everything("the server is shutting down", "unavailable", WorkerGone("the server is shutting down"))
         self.state = "stopped"
 
     # --- models -----------------------------------------------------------------------------------
 
-    def place(self, spec: m.ModelSpec) -> ModelSlot:
-        """Host this model here: loaded now if the worker is up, else as soon as it is."""
-        slot = self.slots.get(spec.name)
-        if slot is None:
-            slot = self.slots[spec.name] = ModelSlot(spec)
-        if self.state == "ready":
-            self.channel.send(self.worker_id, m.LoadModel(spec))
-        return slot
+    async def activate(self, spec: m.ModelSpec) -> m.ModelActivated:
+        """Make the model resident here; the worker's reply (an error reply is returned, not raised)."""
+        if self.state != "ready":
+            raise WorkerGone(f"worker {self.worker_id} is {self.state}")
+        future = self._activations.get(spec.name)
+        if future is None:
+            future = self._activations[spec.name] = asyncio.get_running_loop().create_future()
+            self.channel.send(self.worker_id, m.Activate(spec))
+        return await asyncio.shield(future)
 
-    async def wait_model_ready(self, model: str, timeout_s: float) -> bool:
-        """True once the model is loaded here; False after `timeout_s` or if loading failed."""
-        slot = self.slots[model]
-        if slot.ready.is_set():
-            return True
-        ready = asyncio.ensure_future(slot.ready.wait())
-        failed = asyncio.ensure_future(slot.failed.wait())
-        try:
-            await asyncio.wait({ready, failed}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            ready.cancel()
-            failed.cancel()
-        return slot.ready.is_set()
+    async def evict(self, name: str, reason: str) -> m.ModelEvicted:
+        if self.state != "ready":
+            raise WorkerGone(f"worker {self.worker_id} is {self.state}")
+        future = self._evictions.get(name)
+        if future is None:
+            future = self._evictions[name] = asyncio.get_running_loop().create_future()
+            self.channel.send(self.worker_id, m.Evict(name, reason))
+        return await asyncio.shield(future)
+
+    async def forget(self, name: str) -> None:
+        if self.state != "ready":
+            return  # a restarted worker has no engine for it anyway
+        future = self._evictions[name] = asyncio.get_running_loop().create_future()
+        self.channel.send(self.worker_id, m.Forget(name))
+        await asyncio.shield(future)
 
     # --- requests ---------------------------------------------------------------------------------
 
     def submit(self, req_id: str, model: str, prompt_token_ids: list[int], sampling: m.SamplingParams, arrival_s: float) -> RequestStream:
+        if self.state != "ready":
+            raise WorkerGone(f"worker {self.worker_id} is {self.state}")
         stream = RequestStream(req_id, model, self.worker_id)
         self.streams[req_id] = stream
         self.channel.send(self.worker_id, m.Generate(req_id, model, prompt_token_ids, sampling, arrival_s))
@@ -210,25 +225,21 @@ class WorkerHandle:
     def _on_ready(self, message: m.WorkerReady) -> None:
         self.state = "ready"
         self.pid = message.pid
+        self.pool_budget_bytes = message.pool_budget_bytes
         self._ready.set()
-        logger.info("worker %s ready (pid %d, pool %.1f GiB)", self.worker_id, message.pid, message.pool_budget_bytes / 2**30)
-        for slot in self.slots.values():
-            slot.failed.clear()
-            slot.error = None
-            self.channel.send(self.worker_id, m.LoadModel(slot.spec))
+        logger.info("worker %s ready (pid %d, pool %.2f GiB)", self.worker_id, message.pid, message.pool_budget_bytes / 2**30)
+        if self.on_ready is not None:
+            self.on_ready(self)
 
-    def _on_model_loaded(self, message: m.ModelLoaded) -> None:
-        slot = self.slots.get(message.name)
-        if slot is None:
-            return
-        if message.error is not None:
-            slot.error = message.error
-            slot.failed.set()
-            logger.error("worker %s could not load %s: %s", self.worker_id, message.name, message.error)
-            return
-        slot.weight_bytes, slot.load_s, slot.num_kv_blocks = message.weight_bytes, message.load_s, message.num_kv_blocks
-        slot.ready.set()
-        logger.info("model %s ready on %s (loaded in %.2f s)", message.name, self.worker_id, message.load_s)
+    def _on_activated(self, message: m.ModelActivated) -> None:
+        future = self._activations.pop(message.name, None)
+        if future is not None and not future.done():
+            future.set_result(message)
+
+    def _on_evicted(self, message: m.ModelEvicted) -> None:
+        future = self._evictions.pop(message.name, None)
+        if future is not None and not future.done():
+            future.set_result(message)
 
     def _on_step_outputs(self, message: m.StepOutputs) -> None:
         for delta in message.deltas:
@@ -242,3 +253,9 @@ class WorkerHandle:
     def _on_heartbeat(self, message: m.Heartbeat) -> None:
         self.last_heartbeat = message
         self.last_heartbeat_s = time.monotonic()
+
+    def model_stats(self, name: str) -> m.ModelStats | None:
+        beat = self.last_heartbeat
+        if beat is None:
+            return None
+        return next((s for s in beat.models if s.name == name), None)

@@ -48,13 +48,13 @@ def make_pool(device: str, budget_bytes: int, page_bytes: int, gpu_memory_utiliz
 
 class Worker:
     def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, store: HostWeightStore,
-                 parent_pid: int | None = None):
+                 parent_pid: int | None = None, local_policy: str = "prism"):
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.pool = pool
         self.store = store
         self.parent_pid = parent_pid
-        self.scheduler = LocalScheduler()
+        self.scheduler = LocalScheduler(local_policy)
         self.engines: dict[str, Engine] = {}
         self.stopping = False
         self._last_heartbeat = 0.0
@@ -177,7 +177,7 @@ class Worker:
         self.scheduler.add_model(
             ModelQueue(
                 name=spec.name,
-                allocator=engine.kv,
+                allocator=engine.allocator,
                 block_size=spec.block_size,
                 max_num_seqs=spec.max_num_seqs,
                 max_num_batched_tokens=spec.max_num_batched_tokens,

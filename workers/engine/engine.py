@@ -83,6 +83,22 @@ class _ChunkMapper:
             self._thread.join()
 
 
+class CappedKV:
+    """A model's KV allocation held under a fixed number of blocks (the static baseline's partitioning)."""
+
+    def __init__(self, kv: KVSpace, max_blocks: int):
+        self.kv = kv
+        self.max_blocks = max_blocks
+
+    def allocate(self, num_blocks: int) -> list[int] | None:
+        if self.kv.num_used_blocks + num_blocks > self.max_blocks:
+            return None
+        return self.kv.allocate(num_blocks)
+
+    def free(self, block_ids: list[int]) -> None:
+        self.kv.free(block_ids)
+
+
 class NotEnoughMemory(MemoryError):
     """The pool cannot back this model's weights now; nothing is mapped. The controller evicts and retries."""
 
@@ -115,6 +131,7 @@ class Engine:
         self.weights = pool.reserve_range(spec.name, MemoryKind.WEIGHTS, self.weight_bytes)
         self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks, idle_pages=idle_pages)
         self.kv_cache = self.kv.tensor(self.dtype, self.kv_block_shape)
+        self.allocator = CappedKV(self.kv, spec.kv_budget_bytes // block_bytes) if spec.kv_budget_bytes else self.kv
         self.sampler = Sampler(device, seed=None)
         self.model: LlamaModel | None = None
         self.graphs: DecodeGraphs | None = None

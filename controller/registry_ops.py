@@ -1,0 +1,108 @@
+"""Run-time registry changes: add, update and remove a model, and reload the registry file.
+
+Changes made through the API live in memory; a reload re-reads the file and makes the served models
+match it (models added through the API and absent from the file are removed). Sections other than
+`models` (server, devices, memory, scheduler) take effect only on restart: a reload reports them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from controller.catalog import CatalogError, build_entry
+from controller.errors import APIError, InvalidRequest, ModelNotFound
+from controller.registry import ModelConfig, RegistryError, load_registry, resolve_model
+
+logger = logging.getLogger("prism.controller")
+
+
+class Conflict(APIError):
+    """The operation clashes with the current state (e.g. adding a model that exists); the client changes it."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class RegistryOps:
+    def __init__(self, server):
+        self.server = server
+        self._lock = asyncio.Lock()
+
+    @property
+    def base(self) -> Path:
+        path = self.server.registry_path
+        return path.parent if path is not None else Path.cwd()
+
+    async def add(self, config: ModelConfig) -> dict:
+        async with self._lock:
+            if config.name in self.server.catalog:
+                raise Conflict(f"model {config.name!r} exists; use PUT to update it", param="name")
+            return await self._add(config)
+
+    async def update(self, name: str, config: ModelConfig) -> dict:
+        async with self._lock:
+            if name not in self.server.catalog:
+                raise ModelNotFound(f"the model {name!r} does not exist", param="name")
+            if config.name != name:
+                raise InvalidRequest(f"the body names {config.name!r}, the path {name!r}", param="name")
+            await self._remove(name)
+            return await self._add(config)
+
+    async def remove(self, name: str) -> dict:
+        async with self._lock:
+            if name not in self.server.catalog:
+                raise ModelNotFound(f"the model {name!r} does not exist", param="name")
+            await self._remove(name)
+            return {"removed": name}
+
+    async def reload(self) -> dict:
+        """Re-read the registry file and make the served models match it."""
+        path = self.server.registry_path
+        if path is None:
+            raise InvalidRequest("this server was started without a registry file to reload")
+        async with self._lock:
+            try:
+                registry = await asyncio.to_thread(load_registry, path)
+            except RegistryError as exc:
+                raise InvalidRequest(f"the registry file is invalid, nothing changed:\n{exc}") from None
+            wanted = {m.name: m for m in registry.models}
+            current = {name: entry.config for name, entry in self.server.catalog.items()}
+            removed = [n for n in current if n not in wanted]
+            changed = [n for n in current if n in wanted and wanted[n] != current[n]]
+            added = [n for n in wanted if n not in current]
+            for name in removed + changed:
+                await self._remove(name)
+            for name in changed + added:
+                await self._add(wanted[name], resolved=True)
+            old = self.server.registry
+            restart = [s for s in ("server", "devices", "memory", "scheduler") if getattr(old, s) != getattr(registry, s)]
+            return {"added": added, "updated": changed, "removed": removed, "restart_required_for": restart}
+
+    async def _add(self, config: ModelConfig, resolved: bool = False) -> dict:
+        server = self.server
+        if not resolved:
+            try:
+                config = resolve_model(config, self.base, set(server.catalog))
+            except RegistryError as exc:
+                raise InvalidRequest(str(exc)) from None
+        if config.device is not None and config.device not in server.devices:
+            raise InvalidRequest(f"device {config.device!r} is not one of {server.devices}", param="device")
+        try:
+            entry = await asyncio.to_thread(build_entry, config, server.cache_dir, server.catalog)
+        except CatalogError as exc:
+            raise InvalidRequest(str(exc)) from None
+        server.catalog[config.name] = entry
+        server.manager.add_runtime(entry)
+        server.events.add("model_added", config.name)
+        return {"added": config.name, "max_model_len": entry.max_model_len}
+
+    async def _remove(self, name: str) -> None:
+        server = self.server
+        if any(e.config.tokenizer == name for n, e in server.catalog.items() if n != name):
+            raise Conflict(f"other models use the tokenizer of {name!r}; change them first", param="name")
+        await server.manager.remove(name)
+        del server.catalog[name]
+        server.events.add("model_removed", name)
