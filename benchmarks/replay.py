@@ -1,0 +1,334 @@
+"""Replay a multi-model request trace against an OpenAI endpoint and measure SLO attainment per model.
+
+    python benchmarks/replay.py --url http://127.0.0.1:8000 --trace ../shared/traces/arena_multimodel.csv \
+        --models m1 m2 ... --streams 2 14 3 10 5 19 23 24 --rate-scales 1 2 4 --duration 60 --out r.json
+    python benchmarks/replay.py --config configs/prism-8models.yaml --policies prism static swap ...
+
+Traces: the Arena multi-model CSV (`req_time_s,adapter_rank,...,prompt_len,output_len`; `--streams` picks
+the streams that become the models, in order) or the Azure LLM CSV (`TIMESTAMP,ContextTokens,
+GeneratedTokens`; requests are spread over the models by a popularity law, rate of model i proportional
+to (i+1)^-alpha, as MuxServe). A rate scale s replays the trace s times faster; `--duration` bounds the
+wall time of each point (the trace window replayed is duration x s). Prompts are random token ids of
+the trace's lengths; outputs run exactly the trace's lengths (ignore_eos).
+
+SLOs: per model, TTFT and TPOT SLO = its P95 on a dedicated device x `--slo-scale`. The dedicated P95 is
+measured first (`--calibrate`, each model alone, sequential requests) or read from `--slos FILE`.
+With `--config`, the server is started once per policy (the registry's scheduler.policy overridden)
+and every rate scale is replayed on it. Output: JSON (per model and overall: TTFT / TPOT / both
+attainment, goodput, percentiles; the highest rate scale holding 99% TTFT attainment per policy) and,
+with matplotlib installed, a plot next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    time_s: float
+    stream: int
+    prompt_len: int
+    output_len: int
+
+
+@dataclass
+class Result:
+    model: str
+    sent_s: float
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    num_tokens: int = 0
+    error: str | None = None
+
+
+# --- traces ------------------------------------------------------------------------------------------
+
+
+def load_trace(path: Path) -> list[TraceRequest]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: empty trace")
+    if "req_time_s" in rows[0]:
+        return sorted(
+            (TraceRequest(float(r["req_time_s"]), int(r["adapter_rank"]), int(r["prompt_len"]), int(r["output_len"])) for r in rows),
+            key=lambda r: r.time_s,
+        )
+    if "TIMESTAMP" in rows[0]:
+        start = datetime.fromisoformat(rows[0]["TIMESTAMP"][:26])
+        return [
+            TraceRequest((datetime.fromisoformat(r["TIMESTAMP"][:26]) - start).total_seconds(), -1, int(r["ContextTokens"]), int(r["GeneratedTokens"]))
+            for r in rows
+        ]
+    raise ValueError(f"{path}: unknown trace format (columns {list(rows[0])})")
+
+
+def assign_models(trace: list[TraceRequest], models: list[str], streams: list[int] | None, alpha: float, seed: int) -> list[tuple[TraceRequest, str]]:
+    """Arena: stream streams[i] -> models[i] (others dropped). Azure: model i drawn with weight (i+1)^-alpha."""
+    if streams:
+        if len(streams) != len(models):
+            raise ValueError("--streams and --models must have the same length")
+        by_stream = dict(zip(streams, models))
+        return [(r, by_stream[r.stream]) for r in trace if r.stream in by_stream]
+    rng = random.Random(seed)
+    weights = [(i + 1) ** -alpha for i in range(len(models))]
+    return [(r, rng.choices(models, weights)[0]) for r in trace]
+
+
+# --- one request -------------------------------------------------------------------------------------
+
+
+async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRequest, rng: random.Random, timeout_s: float) -> Result:
+    prompt = [rng.randrange(10, 1000) for _ in range(max(1, request.prompt_len))]
+    body = {"model": model, "prompt": prompt, "max_tokens": max(1, request.output_len), "min_tokens": max(1, request.output_len),
+            "ignore_eos": True, "temperature": 0, "stream": True}
+    result = Result(model, time.perf_counter())
+    first = last = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = chunk["error"]["message"]
+                    return result
+                if chunk["choices"] and (chunk["choices"][0]["text"] or chunk["choices"][0]["finish_reason"]):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    result.num_tokens += 1
+    except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    if first is not None:
+        result.ttft_s = first - result.sent_s
+        if result.num_tokens > 1:
+            result.tpot_s = (last - first) / (result.num_tokens - 1)
+    return result
+
+
+# --- a replay ----------------------------------------------------------------------------------------
+
+
+async def replay(url: str, jobs: list[tuple[TraceRequest, str]], rate_scale: float, duration_s: float, timeout_s: float, seed: int) -> list[Result]:
+    window = [(r, m) for r, m in jobs if r.time_s <= duration_s * rate_scale]
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+        started = time.perf_counter()
+        tasks = []
+        for request, model in window:
+            delay = request.time_s / rate_scale - (time.perf_counter() - started)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(send(client, url, model, request, rng, timeout_s)))
+        return await asyncio.gather(*tasks)
+
+
+async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, str]], num: int, timeout_s: float) -> dict[str, dict]:
+    """Dedicated P95 TTFT / TPOT of each model: its own trace requests, one at a time, nothing else running."""
+    slos = {}
+    rng = random.Random(0)
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        for model in models:
+            mine = [r for r, m in jobs if m == model][:num] or [TraceRequest(0, 0, 128, 64)]
+            await send(client, url, model, TraceRequest(0, 0, 16, 4), rng, timeout_s)  # activation, warm-up
+            results = [await send(client, url, model, TraceRequest(0, 0, r.prompt_len, min(r.output_len, 128)), rng, timeout_s) for r in mine]
+            ok = [r for r in results if r.error is None and r.ttft_s is not None]
+            if not ok:
+                raise RuntimeError(f"calibration of {model} failed: {results[0].error}")
+            slos[model] = {"ttft_p95_s": p95([r.ttft_s for r in ok]), "tpot_p95_s": p95([r.tpot_s for r in ok if r.tpot_s])}
+    return slos
+
+
+def p95(values: list[float]) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(0.95 * (len(values) - 1))))] if values else float("nan")
+
+
+def summarize(results: list[Result], slos: dict[str, dict], slo_scale: float, wall_s: float) -> dict:
+    per_model = {}
+    for model in sorted({r.model for r in results}):
+        mine = [r for r in results if r.model == model]
+        ttft_slo = slos[model]["ttft_p95_s"] * slo_scale
+        tpot_slo = slos[model]["tpot_p95_s"] * slo_scale
+        ttft_ok = [r.error is None and r.ttft_s is not None and r.ttft_s <= ttft_slo for r in mine]
+        tpot_ok = [r.error is None and (r.tpot_s is None or r.tpot_s <= tpot_slo) for r in mine]
+        per_model[model] = {
+            "requests": len(mine),
+            "errors": sum(r.error is not None for r in mine),
+            "ttft_slo_s": ttft_slo,
+            "tpot_slo_s": tpot_slo,
+            "ttft_attainment": sum(ttft_ok) / len(mine),
+            "tpot_attainment": sum(tpot_ok) / len(mine),
+            "attainment": sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / len(mine),
+            "ttft_p50_s": _pct([r.ttft_s for r in mine if r.ttft_s is not None], 0.5),
+            "ttft_p99_s": _pct([r.ttft_s for r in mine if r.ttft_s is not None], 0.99),
+            "tpot_p50_s": _pct([r.tpot_s for r in mine if r.tpot_s is not None], 0.5),
+            "goodput_rps": sum(a and b for a, b in zip(ttft_ok, tpot_ok)) / wall_s,
+        }
+    total = sum(m["requests"] for m in per_model.values()) or 1
+    overall = {
+        key: sum(m[key] * m["requests"] for m in per_model.values()) / total
+        for key in ("ttft_attainment", "tpot_attainment", "attainment")
+    }
+    overall["requests"] = total
+    overall["errors"] = sum(m["errors"] for m in per_model.values())
+    overall["goodput_rps"] = sum(m["goodput_rps"] for m in per_model.values())
+    return {"per_model": per_model, "overall": overall}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * (len(values) - 1)))]
+
+
+# --- driving servers ---------------------------------------------------------------------------------
+
+
+def start_policy_server(config: Path, policy: str, workdir: Path):
+    import yaml
+
+    from tests.controller.server_process import start_server
+
+    registry = yaml.safe_load(config.read_text())
+    registry.setdefault("scheduler", {})["policy"] = policy
+    for model in registry["models"]:  # keep relative paths working from the copy
+        for key in ("path", "gguf", "config", "tokenizer"):
+            if key in model and not Path(str(model[key])).is_absolute() and (config.parent / str(model[key])).exists():
+                model[key] = str((config.parent / str(model[key])).resolve())
+    path = workdir / f"registry-{policy}.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return start_server(path, ready_timeout_s=900)
+
+
+def run_points(url: str, jobs, models, args, slos) -> list[dict]:
+    points = []
+    for scale in args.rate_scales:
+        started = time.perf_counter()
+        results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
+        wall = time.perf_counter() - started
+        summary = summarize(results, slos, args.slo_scale, wall)
+        points.append({"rate_scale": scale, "wall_s": wall, **summary})
+        o = summary["overall"]
+        print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
+              f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s", flush=True)
+    return points
+
+
+def highest_scale(points: list[dict], key: str = "ttft_attainment", target: float = 0.99) -> float | None:
+    holding = [p["rate_scale"] for p in points if p["overall"][key] >= target]
+    return max(holding) if holding else None
+
+
+def plot(result: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy, points in result["policies"].items():
+        ax.plot([p["rate_scale"] for p in points], [p["overall"]["ttft_attainment"] for p in points], marker="o", label=policy)
+    ax.axhline(0.99, color="grey", linestyle=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rate scale")
+    ax.set_ylabel("TTFT SLO attainment")
+    ax.set_title(result.get("card", ""))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--url", help="a running server")
+    target.add_argument("--config", type=Path, help="registry to start servers from (one per policy)")
+    parser.add_argument("--policies", nargs="+", default=["prism"], help="with --config: scheduler policies to compare")
+    parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
+    parser.add_argument("--models", nargs="+", help="model names (default: the registry's, in order)")
+    parser.add_argument("--streams", type=int, nargs="*", default=None, help="Arena streams mapped to --models in order")
+    parser.add_argument("--alpha", type=float, default=1.0, help="popularity exponent for traces without streams")
+    parser.add_argument("--rate-scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--duration", type=float, default=60.0, help="wall seconds replayed per rate scale")
+    parser.add_argument("--slo-scale", type=float, default=5.0)
+    parser.add_argument("--slos", type=Path, help="JSON of dedicated P95s (else --calibrate measures them)")
+    parser.add_argument("--calibrate", type=int, default=10, help="requests per model for the dedicated P95")
+    parser.add_argument("--max-output", type=int, default=512, help="cap on a request's output tokens")
+    parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--card", default=None, help="device name for the results (default: torch's, or cpu)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "replay.json")
+    args = parser.parse_args()
+
+    trace = [TraceRequest(r.time_s, r.stream, r.prompt_len, min(r.output_len, args.max_output)) for r in load_trace(args.trace)]
+    if args.config is not None and not args.models:
+        import yaml
+
+        args.models = [m["name"] for m in yaml.safe_load(args.config.read_text())["models"]]
+    jobs = assign_models(trace, args.models, args.streams, args.alpha, args.seed)
+    slos = json.loads(args.slos.read_text()) if args.slos else None
+    result = {"benchmark": "replay", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+              "card": args.card or _card(), "trace": args.trace.name, "models": args.models, "streams": args.streams,
+              "slo_scale": args.slo_scale, "duration_s": args.duration, "policies": {}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.url:
+        slos = slos or asyncio.run(calibrate(args.url, args.models, jobs, args.calibrate, args.timeout))
+        result["dedicated_p95"] = slos
+        result["policies"]["server"] = run_points(args.url, jobs, args.models, args, slos)
+    else:
+        from tests.controller.server_process import stop_server
+
+        for policy in args.policies:
+            print(f"policy {policy}: starting the server", flush=True)
+            server = start_policy_server(args.config, policy, args.out.parent)
+            try:
+                if slos is None:  # measured once, on the first policy's server (every model alone)
+                    slos = asyncio.run(calibrate(server.base_url, args.models, jobs, args.calibrate, args.timeout))
+                    result["dedicated_p95"] = slos
+                result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos)
+            finally:
+                stop_server(server)
+            args.out.write_text(json.dumps(result, indent=2) + "\n")  # keep what is done if a later policy fails
+    result["highest_rate_scale_at_99pct_ttft"] = {p: highest_scale(points) for p, points in result["policies"].items()}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out)
+    print(json.dumps(result["highest_rate_scale_at_99pct_ttft"]))
+
+
+def _card() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+if __name__ == "__main__":
+    main()

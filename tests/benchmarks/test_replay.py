@@ -1,0 +1,71 @@
+"""The trace replay benchmark: trace formats, model mapping, attainment, and a CI-sized run on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, summarize
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_arena(path: Path) -> Path:
+    rows = ["req_time_s,adapter_rank,adapter_dir,prompt_len,output_len"]
+    rows += [f"{0.5 * i:.3f},{i % 3},dummy,{8 + i},{4 + i % 3}" for i in range(12)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_arena_trace_streams_map_to_models(tmp_path):
+    trace = load_trace(write_arena(tmp_path / "arena.csv"))
+    assert len(trace) == 12 and trace[1] == TraceRequest(0.5, 1, 9, 5)
+    jobs = assign_models(trace, ["a", "b"], [0, 2], alpha=1.0, seed=0)
+    assert {m for _, m in jobs} == {"a", "b"} and len(jobs) == 8  # stream 1 is not replayed
+    assert all((r.stream == 0) == (m == "a") for r, m in jobs)
+
+
+def test_azure_trace_gets_a_popularity_law(tmp_path):
+    path = tmp_path / "azure.csv"
+    lines = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [f"2023-11-16 18:15:{i:02d}.5000000,{100 + i},{10 + i}" for i in range(60)]
+    path.write_text("\n".join(lines) + "\n")
+    trace = load_trace(path)
+    assert trace[0].time_s == 0 and trace[-1].time_s == pytest.approx(59.0)
+    jobs = assign_models(trace, ["hot", "warm", "cold"], None, alpha=2.0, seed=1)
+    counts = {m: sum(1 for _, x in jobs if x == m) for m in ("hot", "warm", "cold")}
+    assert counts["hot"] > counts["warm"] > 0 and counts["hot"] > counts["cold"]
+
+
+def test_summary_counts_attainment_per_model_and_overall():
+    slos = {"a": {"ttft_p95_s": 0.1, "tpot_p95_s": 0.01}, "b": {"ttft_p95_s": 1.0, "tpot_p95_s": 0.1}}
+    results = [
+        Result("a", 0, ttft_s=0.2, tpot_s=0.01, num_tokens=5),  # met (scale 5 -> 0.5 s)
+        Result("a", 0, ttft_s=0.9, tpot_s=0.01, num_tokens=5),  # TTFT missed
+        Result("b", 0, ttft_s=0.5, tpot_s=0.9, num_tokens=5),  # TPOT missed
+        Result("b", 0, error="HTTP 503"),  # an error misses both
+    ]
+    summary = summarize(results, slos, slo_scale=5.0, wall_s=2.0)
+    a, b = summary["per_model"]["a"], summary["per_model"]["b"]
+    assert (a["ttft_attainment"], a["tpot_attainment"], a["attainment"]) == (0.5, 1.0, 0.5)
+    assert (b["ttft_attainment"], b["tpot_attainment"], b["attainment"], b["errors"]) == (0.5, 0.0, 0.0, 1)
+    assert summary["overall"]["attainment"] == 0.25 and summary["overall"]["goodput_rps"] == 0.5
+
+
+def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
+    out = tmp_path / "replay.json"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "replay.py"), "--url", demo_server.base_url,
+        "--trace", str(write_arena(tmp_path / "arena.csv")), "--models", "smollm2-135m-instruct", "tiny-llama-random",
+        "--streams", "0", "1", "--rate-scales", "2", "--duration", "3", "--calibrate", "2", "--out", str(out),
+    ]
+    subprocess.run(command, check=True, timeout=300, cwd=ROOT)
+    result = json.loads(out.read_text())
+    point = result["policies"]["server"][0]
+    assert point["overall"]["requests"] == 8 and point["overall"]["errors"] == 0  # trace times <= 6 s at scale 2
+    assert set(point["per_model"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
+    assert all(0.0 <= m["attainment"] <= 1.0 for m in point["per_model"].values())
+    assert set(result["dedicated_p95"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
