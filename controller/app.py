@@ -42,7 +42,29 @@ def create_app(registry: Registry, cache_dir: Path, server: Server | None = None
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     _install_error_handlers(app)
+    _document_errors_as_400(app)
     return app
+
+
+def _document_errors_as_400(app: FastAPI) -> None:
+    """FastAPI documents validation errors as 422; we answer them as OpenAI does (400, OpenAI error body)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None and "400" not in responses:
+                        responses["400"] = {"description": "invalid request", "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _install_error_handlers(app: FastAPI) -> None:

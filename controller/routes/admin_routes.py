@@ -8,10 +8,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controller.auth import require_admin
 from controller.errors import ModelNotFound
+from controller.protocol import ErrorResponse
 from controller.registry import ModelConfig
 from controller.registry_ops import Conflict
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin",
+    tags=["admin"],
+    dependencies=[Depends(require_admin)],
+    responses={status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 500, 503)},
+)
 
 
 class ActivateBody(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from controller.auth import require_api_key
 from controller.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
@@ -12,34 +12,40 @@ router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
+_GENERATION = {
+    200: {"description": "a completion (JSON), or a stream of chunks (server-sent events) with `stream: true`",
+          "content": {"application/json": {}, "text/event-stream": {}}},
+    **_ERRORS,
+}
 
 
 def _server(request: Request):
     return request.app.state.server
 
 
-@router.get("/health")
+@router.get("/health", responses={503: {"description": "a worker or a model is not ready"}})
 async def health(request: Request) -> JSONResponse:
     report = _server(request).health()
     return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
 
 
-@router.get("/metrics")
-async def metrics(request: Request) -> Response:
-    return Response(_server(request).metrics.render(), media_type="text/plain; version=0.0.4")
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus exposition format."""
+    return PlainTextResponse(_server(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@v1.get("/models", response_model=ModelList)
+@v1.get("/models", response_model=ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> ModelList:
     return _server(request).serving.list_models()
 
 
-@v1.post("/completions", responses=_ERRORS)
+@v1.post("/completions", responses=_GENERATION)
 async def completions(body: CompletionRequest, request: Request):
     return await _server(request).serving.completion(body, request)
 
 
-@v1.post("/chat/completions", responses=_ERRORS)
+@v1.post("/chat/completions", responses=_GENERATION)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _server(request).serving.chat(body, request)
 
