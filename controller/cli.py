@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from workers.logs import configure_logging
 from controller.registry import Registry, RegistryError, default_registry_path, load_registry
 from workers.weights.prepare import default_cache_dir
 
@@ -50,7 +51,7 @@ def serve(args: argparse.Namespace) -> None:
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     catalog = _catalog(registry, cache_dir)
     try:
-        server = Server(registry, catalog, cache_dir, _registry_path(args.config))
+        server = Server(registry, catalog, cache_dir, _registry_path(args.config), args.log_format)
     except ValueError as exc:
         print(f"prism: invalid registry: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -66,7 +67,7 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(1) from None
     port = sock.getsockname()[1]
     print(f"prism-serve listening on http://{host}:{port} (models: {', '.join(catalog)})", flush=True)
-    config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30, log_config=None)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     p_serve.add_argument("--port", type=int, help="override server.port (0: a free port)")
     p_serve.add_argument("--cache-dir", help="where prepared models are cached (default: ~/.cache/prism-serve)")
     p_serve.add_argument("--log-level", default="INFO")
+    p_serve.add_argument("--log-format", default="text", choices=["text", "json"], help="json: one object per line, with req_id")
     p_serve.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p_serve.set_defaults(func=serve)
     p_prep = sub.add_parser("prep", help="fetch and convert the registry's models into the cache, then exit")
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     p_prep.set_defaults(func=prep)
     sub.add_parser("worker", help="run a worker that joins a controller (see `prism worker --help`)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"), "controller")
     args.func(args)
 
 

@@ -56,6 +56,8 @@ class ServerConfig(_Strict):
     """Requests waiting or running for one model before new ones for it get 429."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """Largest accepted request body."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longest accepted prompt in tokens (besides each model's context); none: the context is the limit."""
     request_timeout_s: float = Field(600.0, gt=0)
     """A request still unfinished after this long is aborted with a 504-style error."""
     worker_start_timeout_s: float = Field(300.0, gt=0)

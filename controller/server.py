@@ -43,7 +43,8 @@ def resolve_devices(devices: list[str] | str) -> list[str]:
 
 
 class Server:
-    def __init__(self, registry: Registry, catalog: dict[str, CatalogEntry], cache_dir: Path, registry_path: Path | None = None):
+    def __init__(self, registry: Registry, catalog: dict[str, CatalogEntry], cache_dir: Path, registry_path: Path | None = None,
+                 log_format: str = "text"):
         self.registry = registry
         self.catalog = catalog
         self.cache_dir = cache_dir
@@ -53,6 +54,7 @@ class Server:
             if model.device is not None and model.device not in self.devices:
                 raise ValueError(f"model {model.name!r} asks for device {model.device!r}, which is not in `devices` {self.devices}")
         self.store_prefix = f"prism-weights-{os.getpid()}-"
+        self.log_format = log_format
         self.channel: WorkerChannel | None = None
         self.workers: dict[str, WorkerHandle] = {}
         self.events = EventLog()
@@ -78,6 +80,7 @@ class Server:
             "--host-store-bytes", str(int(memory.host_store_bytes)),
             "--store-prefix", self.store_prefix,
             "--local-policy", local_policy,
+            "--log-format", self.log_format,
         ]
 
     async def start(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
@@ -26,6 +27,8 @@ from controller.registry import ServerConfig
 from controller.tokenizer import Detokenizer
 from controller.worker_handle import RequestStream
 from workers.messages import SamplingParams, TokenDelta
+
+logger = logging.getLogger("prism.requests")
 
 ERROR_KINDS: dict[str | None, type[APIError]] = {
     "invalid_request": InvalidRequest,
@@ -136,6 +139,10 @@ class OpenAIServing:
         num_prompt = len(prompt_ids)
         if num_prompt == 0:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        limit = self.limits.max_prompt_tokens
+        if limit is not None and num_prompt > limit:
+            raise InvalidRequest(f"the prompt has {num_prompt} tokens; this server accepts at most {limit}",
+                                 param="messages" if prefix == "chatcmpl" else "prompt")
         room = entry.max_model_len - num_prompt
         if max_tokens is None:
             max_tokens = room
@@ -177,13 +184,13 @@ class OpenAIServing:
             self._record(gen, "rejected")
             raise
         if gen.stream:
-            return StreamingResponse(self._events(gen, fmt, stream, resources), media_type="text/event-stream")
+            return StreamingResponse(self._events(gen, fmt, stream, resources), media_type="text/event-stream", headers={"x-request-id": gen.req_id})
         outcome = "abort"
         try:
             async with resources:
                 body = await self._until_done_or_disconnect(self._collect(gen, fmt, stream), raw)
                 outcome = body["choices"][0]["finish_reason"]
-                return JSONResponse(body)
+                return JSONResponse(body, headers={"x-request-id": gen.req_id})
         except APIError:
             outcome = "error"
             raise
@@ -242,6 +249,10 @@ class OpenAIServing:
             raise RequestTimeout(f"the request did not finish within {self.limits.request_timeout_s:g} s") from None
 
     def _record(self, gen: Generation, outcome: str) -> None:
+        e2e = time.monotonic() - gen.arrival_s
+        context = {"req_id": gen.req_id, "model": gen.entry.name, "outcome": outcome, "prompt_tokens": len(gen.prompt_token_ids),
+                   "completion_tokens": gen.num_output_tokens, "e2e_s": round(e2e, 4)}
+        logger.log(logging.WARNING if outcome in ("error", "rejected") else logging.DEBUG, "request finished", extra=context)
         if self.metrics is None:
             return
         ttft = tpot = None
@@ -252,7 +263,7 @@ class OpenAIServing:
         slo = gen.entry.config.slo
         self.metrics.request_finished(
             gen.entry.name, outcome, len(gen.prompt_token_ids) if outcome != "rejected" else 0, gen.num_output_tokens,
-            ttft, tpot, time.monotonic() - gen.arrival_s, slo.ttft_s, slo.tpot_s,
+            ttft, tpot, e2e, slo.ttft_s, slo.tpot_s,
         )
 
     def _with_usage(self, chunk: dict, gen: Generation) -> dict:

@@ -9,7 +9,6 @@ import argparse
 import ctypes
 import ctypes.util
 import faulthandler
-import logging
 import signal
 import sys
 
@@ -35,13 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store-prefix", default="prism-weights-", help="file name prefix of this server's weight images")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     faulthandler.enable()  # a fatal signal (e.g. a stray access to an unmapped page) prints the Python stack
-    logging.basicConfig(level=args.log_level, format=f"%(asctime)s %(levelname)s worker[{args.device}] %(message)s")
+    from workers.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format, f"worker[{args.device}]")
     if args.parent_pid is not None:
         _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -106,7 +106,8 @@ class Worker:
         try:
             sampled = self.engines[plan.model].execute(plan)
         except Exception:  # an engine bug must fail this step's requests, not the worker
-            logger.error("step of %s failed:\n%s", plan.model, traceback.format_exc())
+            req_ids = ",".join(c.seq.req_id for c in plan.chunks)
+            logger.error("step of %s failed:\n%s", plan.model, traceback.format_exc(), extra={"req_id": req_ids, "model": plan.model})
             self._fail_plan(plan, "internal engine error (see the worker log)")
             return
         finished = self.scheduler.update(plan, sampled)
@@ -242,6 +243,7 @@ class Worker:
             error = f"token ids must be in [0, {engine.arch.vocab_size})"
         if error is not None:
             kind = "unavailable" if engine is None or not engine.active else "invalid_request"
+            logger.warning("request refused: %s", error, extra={"req_id": message.req_id, "model": message.model})
             self._send(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", error, kind)]))
             return
         params = message.sampling
@@ -267,6 +269,7 @@ class Worker:
             seq = self.scheduler.abort(req_id)
             if seq is not None:
                 self.engines[seq.model].release(req_id)
+                logger.debug("aborted after %d tokens", seq.num_output_tokens, extra={"req_id": req_id, "model": seq.model})
 
     def _on_shutdown(self, message: m.Shutdown) -> None:
         self.stopping = True
