@@ -11,6 +11,9 @@ requests, and which running sequence gives its memory back under pressure.
   out). Prefills that are already late, or have no deadline, are best-effort: they run when the most
   urgent savable work can afford one of their steps, so they progress whenever slack exists and only
   wait under real overload (then they are exactly the requests Moore-Hodgson chose to sacrifice).
+- No starvation: Moore-Hodgson sacrifices late requests, and under sustained overload new on-time
+  arrivals would keep them waiting forever. A request that has waited `max_wait_s` for its first token
+  is admitted first (oldest first) and makes its model the most urgent, so every request is served.
 - Preemption victim: the running sequence with the longest remaining decode (newest on ties); it would
   hold and grow its blocks longest, and the ones close to done finish and free theirs.
 
@@ -92,8 +95,9 @@ class PrismPolicy:
 
     name = "prism"
 
-    def __init__(self, speed: PrefillSpeed):
+    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0):
         self.speed = speed
+        self.max_wait_s = max_wait_s
 
     def order(self, queues: list[ModelQueue], step: int, now: float) -> StepOrder:
         # Predicted prefill seconds of every sequence that awaits its first token, computed once a step.
@@ -105,8 +109,9 @@ class PrismPolicy:
                     prefill_s[seq] = seq.num_uncomputed_tokens / tokens_per_s
         ordering = moore_hodgson(prefill_s, now, lambda s: s.ttft_deadline_s, prefill_s.__getitem__)
         late = set(ordering.late)
+        starving = sorted((s for s in prefill_s if self._starving(s, now)), key=lambda s: s.arrival_s)
         admission: dict[str, list[Sequence]] = {q.name: [s for s in q.waiting if not s.awaits_first_token] for q in queues}
-        for seq in ordering.order:
+        for seq in [*starving, *(s for s in ordering.order if not self._starving(s, now))]:
             if seq.status is SeqStatus.WAITING:
                 admission[seq.model].append(seq)
         urgencies = [self.urgency(q, now, late, prefill_s) for q in queues if q.has_work]
@@ -124,6 +129,8 @@ class PrismPolicy:
                 last = seq.last_token_s if seq.last_token_s is not None else now
                 recompute_s = self._prefill_s(seq) if seq.status is SeqStatus.WAITING else 0.0
                 start_by = min(start_by, last + queue.tpot_slo_s - recompute_s)
+            elif self._starving(seq, now):
+                start_by = min(start_by, seq.arrival_s + self.max_wait_s)
             elif seq in late or math.isinf(seq.ttft_deadline_s):
                 if best_effort is None or _deadline_key(seq) < _deadline_key(best_effort):
                     best_effort = seq
@@ -153,6 +160,9 @@ class PrismPolicy:
         # never leave the device idle while another could run.
         order += [u.queue for u in best_effort]
         return _unique(order)
+
+    def _starving(self, seq: Sequence, now: float) -> bool:
+        return now - seq.arrival_s >= self.max_wait_s
 
     def _prefill_s(self, seq: Sequence) -> float:
         return self.speed.predict_s(seq.model, seq.num_uncomputed_tokens)

@@ -113,3 +113,27 @@ def test_fcfs_alternates_models_round_robin():
     scheduler.add(make_seq("b1", model="b", max_tokens=3))
     models = [run_step(scheduler)[0].model for _ in range(6)]
     assert models == ["a", "b", "a", "b", "a", "b"]
+
+
+def test_late_requests_do_not_starve_under_sustained_overload():
+    """Regression (soak test, CPU): new on-time arrivals kept a sacrificed request waiting past 120 s.
+
+    One sequence slot, a request that missed its deadline, and a fresh savable request arriving every
+    step: Moore-Hodgson alone serves the fresh ones forever; after `max_wait_s` the old one goes first.
+    """
+    clock = FakeClock(NOW)
+    queue = make_queue(max_num_seqs=1, max_num_batched_tokens=1024)
+    scheduler = make_scheduler(queue, clock=clock, tokens_per_s=100.0)
+    old = make_seq("old", num_prompt=100, max_tokens=1, arrival_s=NOW - 5.0, ttft_slo_s=1.0)  # already late
+    scheduler.add(old)
+    finished_at = None
+    for step in range(1000):  # 0.1 s a step: 100 s of overload
+        scheduler.add(make_seq(f"new{step}", num_prompt=10, max_tokens=1, arrival_s=clock.now, ttft_slo_s=1.0))
+        plan, finished = run_step(scheduler)
+        clock.advance(sum(c.num_new_tokens for c in plan.chunks) / 100.0)
+        if any(s is old for s in finished):
+            finished_at = clock.now
+            break
+    assert finished_at is not None, "the late request starved"
+    max_wait_s = scheduler.policy.max_wait_s
+    assert old.arrival_s + max_wait_s <= finished_at <= old.arrival_s + max_wait_s + 2.0
