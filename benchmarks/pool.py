@@ -2,8 +2,11 @@
 
 Measures
   1. driver/OS cost per page of each backend call (create, map, set_access per page and per run, unmap,
-     destroy), and the pool's single-page map/unmap with and without a reserve hit;
-  2. activating weights (WeightSpace: one map_pages call over every page) per page and per GiB;
+     destroy) with one-page chunks, the same per page for whole 32-page chunks (one create, map,
+     set_access, unmap and destroy per chunk), and the pool's single-page map/unmap with and without a
+     reserve hit;
+  2. activating weights (WeightSpace: one map_pages call over every page) per page and per GiB, and the
+     pool's own Python cost per page (a backend that does nothing) for weights and single KV pages;
   3. KV block allocation latency (p50/p99) at steady state: a random mix of sequence arrivals (allocate
      1-8 blocks in one call) and completions (free a sequence's blocks), occupancy held around half the
      budget so that pages are really mapped and unmapped, for the 16-token bf16 blocks of three real
@@ -71,18 +74,19 @@ def timed_each(calls: list[Callable[[], Any]]) -> list[float]:
 
 
 def measure_page_ops(backend: PageBackend, num_pages: int) -> dict[str, Any]:
-    """Per-page cost of every backend call over `num_pages` pages, and set_access batched per run."""
+    """Per-page cost of every backend call over `num_pages` one-page chunks, and set_access batched per run."""
     page = backend.page_bytes
     base = backend.reserve(num_pages * page)
     addresses = [base + i * page for i in range(num_pages)]
     handles: list[Any] = []
-    create = timed_each([lambda: handles.append(backend.create_page()) for _ in range(num_pages)])
-    map_each = timed_each([lambda a=a, h=h: backend.map(a, h) for a, h in zip(addresses, handles, strict=True)])
+    create = timed_each([lambda: handles.append(backend.create_chunk(page)) for _ in range(num_pages)])
+    pairs = list(zip(addresses, handles, strict=True))
+    map_each = timed_each([lambda a=a, h=h: backend.map(a, page, h, 0) for a, h in pairs])
     access_each = timed_each([lambda a=a: backend.set_access(a, page) for a in addresses])
     backend.synchronize()
-    unmap_each = timed_each([lambda a=a: backend.unmap(a) for a in addresses])
+    unmap_each = timed_each([lambda a=a: backend.unmap(a, page) for a in addresses])
     for a, h in zip(addresses, handles, strict=True):
-        backend.map(a, h)
+        backend.map(a, page, h, 0)
     start = now_us()
     backend.set_access(base, num_pages * page)
     access_run_us = now_us() - start
@@ -90,8 +94,8 @@ def measure_page_ops(backend: PageBackend, num_pages: int) -> dict[str, Any]:
     backend.synchronize()
     synchronize_us = now_us() - start
     for a in addresses:
-        backend.unmap(a)
-    destroy = timed_each([lambda h=h: backend.destroy_page(h) for h in handles])
+        backend.unmap(a, page)
+    destroy = timed_each([lambda h=h: backend.destroy_chunk(h) for h in handles])
     backend.release(base, num_pages * page)
     return {
         "num_pages": num_pages,
@@ -102,7 +106,27 @@ def measure_page_ops(backend: PageBackend, num_pages: int) -> dict[str, Any]:
         "unmap": summarize(unmap_each),
         "destroy_page": summarize(destroy),
         "synchronize_idle_us": synchronize_us,
+        "whole_chunks_us_per_page": measure_chunk_ops(backend, num_pages),
     }
+
+
+def measure_chunk_ops(backend: PageBackend, num_pages: int, chunk_pages: int = 32) -> dict[str, float]:
+    """µs per page when every call covers a whole chunk of `chunk_pages` pages (the weights path)."""
+    chunk = chunk_pages * backend.page_bytes
+    num_chunks = max(1, num_pages // chunk_pages)
+    base = backend.reserve(num_chunks * chunk)
+    addresses = [base + i * chunk for i in range(num_chunks)]
+    handles: list[Any] = []
+    per_call = {
+        "create": timed_each([lambda: handles.append(backend.create_chunk(chunk)) for _ in range(num_chunks)]),
+        "map": timed_each([lambda a=a, h=h: backend.map(a, chunk, h, 0) for a, h in zip(addresses, handles)]),
+        "set_access": timed_each([lambda a=a: backend.set_access(a, chunk) for a in addresses]),
+    }
+    backend.synchronize()
+    per_call["unmap"] = timed_each([lambda a=a: backend.unmap(a, chunk) for a in addresses])
+    per_call["destroy"] = timed_each([lambda h=h: backend.destroy_chunk(h) for h in handles])
+    backend.release(base, num_chunks * chunk)
+    return {op: statistics.median(samples) / chunk_pages for op, samples in per_call.items()}
 
 
 def measure_pool_single_page(backend: PageBackend, reserve_pages: int, repeats: int) -> dict[str, Any]:
@@ -142,6 +166,69 @@ def measure_weight_activation(backend: PageBackend, num_pages: int) -> dict[str,
         "activate_ms_per_gib": activate_us / 1000 / gib,
         "evict_ms_per_gib": evict_us / 1000 / gib,
     }
+
+
+class NullBackend:
+    """Does nothing and remembers nothing: what is left of a pool call is the pool's own Python cost."""
+
+    device = "cpu"
+
+    def __init__(self, page_bytes: int = PAGE_BYTES):
+        self.page_bytes = page_bytes
+        self._next = 1 << 40
+
+    def reserve(self, num_bytes: int) -> int:
+        self._next += num_bytes + (1 << 30)
+        return self._next
+
+    def release(self, base: int, num_bytes: int) -> None: ...
+
+    def create_chunk(self, num_bytes: int) -> object:
+        return object()
+
+    def destroy_chunk(self, handle: Any) -> None: ...
+
+    def map(self, address: int, num_bytes: int, handle: Any, offset: int) -> None: ...
+
+    def set_access(self, address: int, num_bytes: int) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+    def unmap(self, address: int, num_bytes: int) -> None: ...
+
+    def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
+        raise NotImplementedError("a null backend has no memory")
+
+
+def measure_pool_overhead(backend: PageBackend, num_pages: int = 8192, num_kv: int = 4096) -> dict[str, float]:
+    """µs per page through the pool: weights in aligned 32-page groups, KV pages one per call (from the
+    pool's stock of single pages, then created on demand)."""
+    stock = 32
+    budget = num_pages + stock
+    pool = PagePool(backend, budget * backend.page_bytes, reserve_pages=budget)
+    pool.replenish_reserve()
+    weights = pool.reserve_range("bench", "weights", num_pages * backend.page_bytes)
+    start = now_us()
+    for first in range(0, num_pages, 32):
+        assert pool.map_pages(weights, range(first, min(first + 32, num_pages)))
+    result = {"weights_map_us_per_page": (now_us() - start) / num_pages}
+    start = now_us()
+    pool.unmap_pages(weights, range(num_pages))
+    result["weights_unmap_us_per_page"] = (now_us() - start) / num_pages
+    pool.release_range(weights)
+    kv = pool.reserve_range("bench", "kv", (stock + num_kv) * backend.page_bytes)
+    for label, pages in (("stock", range(stock)), ("created", range(stock, stock + num_kv))):
+        start = now_us()
+        for i in pages:
+            assert pool.map_pages(kv, [i])
+        result[f"kv_map_{label}_us_per_page"] = (now_us() - start) / len(pages)
+    start = now_us()
+    for i in range(stock + num_kv):
+        pool.unmap_pages(kv, [i])
+    result["kv_unmap_us_per_page"] = (now_us() - start) / (stock + num_kv)
+    pool.release_range(kv)
+    pool.close()
+    return result
 
 
 # --- 3. KV steady state -------------------------------------------------------------------------
@@ -299,10 +386,14 @@ def print_table(results: dict[str, Any]) -> None:
     for label, key in (("pool 1-page, reserve hit", "pool_reserve_hit"), ("pool 1-page, create", "pool_create")):
         single = results[key]
         print(f"{label}: map_pages {_p50(single['map_pages'])}  unmap_pages {_p50(single['unmap_pages'])}")
+    chunked = ops["whole_chunks_us_per_page"]
+    print("per page, one call per 32-page chunk: " + "  ".join(f"{op} {us:.2f}" for op, us in chunked.items()))
     print(
         f"weights: activate {weights['activate_us_per_page']:.1f}/page = {weights['activate_ms_per_gib']:.1f} ms/GiB, "
         f"evict {weights['evict_ms_per_gib']:.1f} ms/GiB"
     )
+    for name, row in results["pool_overhead"].items():
+        print(f"pool per page ({name} backend): " + "  ".join(f"{key} {us:.2f}" for key, us in row.items()))
     print("KV allocate p50/p99 µs; pool: idle pages kept, share of allocations that mapped pages")
     print(f"{'KV block':<20}{'pool':>24}{'torch cached':>15}{'torch emptied':>15}{'pool/cached p50':>17}")
     for model, entry in results["kv"].items():
@@ -342,6 +433,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "pool_reserve_hit": measure_pool_single_page(backend, reserve_pages=4, repeats=500),
         "pool_create": measure_pool_single_page(backend, reserve_pages=0, repeats=500),
         "weights": measure_weight_activation(backend, args.pages),
+        "pool_overhead": {
+            "null": measure_pool_overhead(NullBackend(PAGE_BYTES)),
+            "this_backend": measure_pool_overhead(backend, args.pages, num_kv=args.pages),
+        },
         "kv": measure_kv(
             backend, args.device, args.ops, args.kv_budget_mib * MIB, [int(n) for n in args.idle_pages.split(",")]
         ),

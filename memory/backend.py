@@ -1,9 +1,17 @@
 """The narrow interface every physical-memory backend implements (host, CUDA VMM, fault-injecting fake).
 
-Mapping is two-phase, as in PyTorch's expandable segments: `map` backs each page with a physical page,
-then one `set_access` makes a whole contiguous run usable (one call per run instead of per page; on the
-H100 the driver's cost is still mostly per page: about 30 vs 36 us a page). Only the pool calls a backend; it
-rolls back whatever a failed sequence of calls left behind, so a backend never has to.
+Physical memory comes in chunks (one allocation of one or more pages); the pool maps a chunk whole at a
+page-aligned virtual address with one `map` call, then one `set_access` makes a whole contiguous virtual
+run usable, as in PyTorch's expandable segments. The driver's cost is per call, not per page: on the lent
+H100 one cuMemMap + cuMemSetAccess costs ~33 µs for a 2 MiB page alone and ~42 µs for a whole 64 MiB
+chunk (benchmarks/vmm_map.py).
+
+Whole chunks only, both ways: cuMemMap of part of an allocation fails with CUDA_ERROR_NOT_SUPPORTED on
+the lent H100 (driver 580), although the documentation allows an offset; and cuMemUnmap must be given the
+entire range that one cuMemMap mapped ("cuMemUnmap cannot unmap a sub-range of an address range mapped by
+cuMemCreate / cuMemMap"; part of one gives CUDA_ERROR_INVALID_VALUE there). benchmarks/vmm_map.py
+records both. The `offset` argument mirrors cuMemMap's; the pool always passes 0 and the whole chunk. Only the pool calls a backend; it rolls back whatever a failed
+sequence of calls left behind, so a backend never has to.
 """
 
 from __future__ import annotations
@@ -31,20 +39,25 @@ class PageBackend(Protocol):
     def release(self, base: int, num_bytes: int) -> None:
         """Give back a reservation; every page in it must be unmapped first."""
 
-    def create_page(self) -> Any:
-        """Create one physical page; return its handle."""
+    def create_chunk(self, num_bytes: int) -> Any:
+        """Create one physical allocation of `num_bytes` (a multiple of page_bytes); return its handle."""
 
-    def destroy_page(self, handle: Any) -> None:
-        """Free one physical page that is mapped nowhere."""
+    def destroy_chunk(self, handle: Any) -> None:
+        """Free a physical allocation no page of which is mapped anywhere."""
 
-    def map(self, address: int, handle: Any) -> None:
-        """Back the page at a page-aligned `address` inside a reservation with a physical page.
+    def map(self, address: int, num_bytes: int, handle: Any, offset: int) -> None:
+        """Back [address, address + num_bytes) with bytes [offset, offset + num_bytes) of chunk `handle`.
 
-        The page is not usable until `set_access` covers it.
+        `address` lies in a reservation; all three numbers are multiples of page_bytes (the pool maps whole
+        chunks: offset 0, num_bytes the chunk's size). The pages are not usable until `set_access` covers
+        them.
         """
 
     def set_access(self, address: int, num_bytes: int) -> None:
-        """Make the mapped pages of [address, address + num_bytes) readable and writable by the device."""
+        """Make the mapped pages of [address, address + num_bytes) readable and writable by the device.
+
+        The range may span several mappings.
+        """
 
     def synchronize(self) -> None:
         """Wait until device work that may still read or write mapped pages has finished.
@@ -54,8 +67,8 @@ class PageBackend(Protocol):
         into another right after.
         """
 
-    def unmap(self, address: int) -> None:
-        """Unmap the page at `address`; its physical page stays alive until destroyed."""
+    def unmap(self, address: int, num_bytes: int) -> None:
+        """Undo exactly one `map` call made with this address and size; the chunk stays alive."""
 
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
         """A uint8 tensor viewing [base, base + num_bytes) of a reservation (no copy)."""

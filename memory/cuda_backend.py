@@ -1,17 +1,21 @@
-"""CUDA VMM backend: physical pages from cuMemCreate mapped into ranges from cuMemAddressReserve.
+"""CUDA VMM backend: physical chunks from cuMemCreate, mapped whole into cuMemAddressReserve ranges.
 
 This is what lets co-located models share a GPU at page granularity (kvcached's idea): address space is
-reserved per model up front and costs nothing; physical 2 MiB pages are created, mapped, unmapped and
-reused between models at run time. Every driver call's CUresult is checked and a failure raises
-BackendError naming the call and the error (e.g. "cuMemCreate failed: CUDA_ERROR_OUT_OF_MEMORY").
+reserved per model up front and costs nothing; physical memory is created in chunks of one or more 2 MiB
+pages, mapped, unmapped and reused between models at run time. Every driver call's CUresult is checked
+and a failure raises BackendError naming the call and the error (e.g. "cuMemCreate failed:
+CUDA_ERROR_OUT_OF_MEMORY").
 
 Driver calls run with the device's primary context pushed current (the context torch uses), so they work
 from any thread and never change which device torch thinks is current. `cuda.bindings` is imported when a
 backend is built, so importing `memory` needs no CUDA.
 
-Measured on the lent H100 by benchmarks/pool.py (µs per 2 MiB page, p50 over three runs): cuMemCreate
-16-17, cuMemMap 5-6, cuMemSetAccess 28-37 (25-31 when one call covers a run of 512 pages), cuMemUnmap
-20-25, cuMemRelease 17-22. Access changes dominate, and they scale with pages, not calls.
+Measured on the lent H100 (benchmarks/pool.py, benchmarks/vmm_map.py): the cost is per call, not per
+byte. cuMemMap + cuMemSetAccess of one 2 MiB page ~33 µs, of a 64 MiB chunk ~42 µs (1.3 µs per 2 MiB);
+cuMemCreate 16-17 µs, cuMemUnmap 20-25 µs, cuMemRelease 17-22 µs per 2 MiB page. cuMemMap of part of an
+allocation fails with CUDA_ERROR_NOT_SUPPORTED there (driver 580.159, CUDA 13; tests/memory/
+test_cuda_backend.py pins it) and cuMemUnmap of part of a mapping with CUDA_ERROR_INVALID_VALUE: the pool
+maps and unmaps chunks whole.
 
 torch.as_tensor accepts a view over a range whose pages are not mapped yet (checked on torch 2.11 by
 tests/memory/test_cuda_backend.py), so a KV space's tensor can be taken once, before its first block.
@@ -19,8 +23,7 @@ tests/memory/test_cuda_backend.py), so a KV space's tensor can be taken once, be
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -55,10 +58,12 @@ class _DeviceBytes:
 
 
 class CudaBackend:
-    """Pinned device pages of `page_bytes` (a multiple of the driver's granularity, 2 MiB on H100)."""
+    """Pinned device memory in chunks of whole pages of `page_bytes` (a multiple of the driver's granularity,
+    2 MiB on H100)."""
 
     def __init__(self, device: str | torch.device = "cuda", page_bytes: int = DEFAULT_PAGE_BYTES):
         self._cu = _import_driver()
+        self._success = self._cu.CUresult.CUDA_SUCCESS
         torch_device = torch.device(device)
         if torch_device.type != "cuda":
             raise ValueError(f"CudaBackend needs a CUDA device, not {device!r}")
@@ -78,10 +83,9 @@ class CudaBackend:
         self._allocation = self._allocation_prop(ordinal)
         self._access = [self._access_desc(ordinal)]
         granularity_flag = cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
-        with self._current():
-            granularity = self._call(
-                "cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity(self._allocation, granularity_flag)
-            )
+        granularity = self._driver(
+            "cuMemGetAllocationGranularity", cu.cuMemGetAllocationGranularity, self._allocation, granularity_flag
+        )
         self.granularity_bytes = int(granularity)
         if page_bytes <= 0 or page_bytes % self.granularity_bytes:
             self.close()
@@ -91,37 +95,28 @@ class CudaBackend:
     # --- PageBackend ----------------------------------------------------------------------------
 
     def reserve(self, num_bytes: int) -> int:
-        with self._current():
-            base = self._call("cuMemAddressReserve", self._cu.cuMemAddressReserve(num_bytes, self.page_bytes, 0, 0))
-        return int(base)
+        return int(self._driver("cuMemAddressReserve", self._cu.cuMemAddressReserve, num_bytes, self.page_bytes, 0, 0))
 
     def release(self, base: int, num_bytes: int) -> None:
-        with self._current():
-            self._call("cuMemAddressFree", self._cu.cuMemAddressFree(base, num_bytes))
+        self._driver("cuMemAddressFree", self._cu.cuMemAddressFree, base, num_bytes)
 
-    def create_page(self) -> Any:
-        with self._current():
-            return self._call("cuMemCreate", self._cu.cuMemCreate(self.page_bytes, self._allocation, 0))
+    def create_chunk(self, num_bytes: int) -> Any:
+        return self._driver("cuMemCreate", self._cu.cuMemCreate, num_bytes, self._allocation, 0)
 
-    def destroy_page(self, handle: Any) -> None:
-        with self._current():
-            self._call("cuMemRelease", self._cu.cuMemRelease(handle))
+    def destroy_chunk(self, handle: Any) -> None:
+        self._driver("cuMemRelease", self._cu.cuMemRelease, handle)
 
-    def map(self, address: int, handle: Any) -> None:
-        with self._current():
-            self._call("cuMemMap", self._cu.cuMemMap(address, self.page_bytes, 0, handle, 0))
+    def map(self, address: int, num_bytes: int, handle: Any, offset: int) -> None:
+        self._driver("cuMemMap", self._cu.cuMemMap, address, num_bytes, offset, handle, 0)
 
     def set_access(self, address: int, num_bytes: int) -> None:
-        with self._current():
-            self._call("cuMemSetAccess", self._cu.cuMemSetAccess(address, num_bytes, self._access, 1))
+        self._driver("cuMemSetAccess", self._cu.cuMemSetAccess, address, num_bytes, self._access, 1)
 
     def synchronize(self) -> None:
-        with self._current():
-            self._call("cuCtxSynchronize", self._cu.cuCtxSynchronize())
+        self._driver("cuCtxSynchronize", self._cu.cuCtxSynchronize)
 
-    def unmap(self, address: int) -> None:
-        with self._current():
-            self._call("cuMemUnmap", self._cu.cuMemUnmap(address, self.page_bytes))
+    def unmap(self, address: int, num_bytes: int) -> None:
+        self._driver("cuMemUnmap", self._cu.cuMemUnmap, address, num_bytes)
 
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
         return torch.as_tensor(_DeviceBytes(base, num_bytes), device=self.device)
@@ -137,13 +132,11 @@ class CudaBackend:
         """
         self._check_host_tensor(tensor)
         flags = self._cu.CU_MEMHOSTREGISTER_PORTABLE  # pinned for every context, not just ours
-        with self._current():
-            self._call("cuMemHostRegister", self._cu.cuMemHostRegister(tensor.data_ptr(), tensor.nbytes, flags))
+        self._driver("cuMemHostRegister", self._cu.cuMemHostRegister, tensor.data_ptr(), tensor.nbytes, flags)
 
     def unpin_host(self, tensor: torch.Tensor) -> None:
         self._check_host_tensor(tensor)
-        with self._current():
-            self._call("cuMemHostUnregister", self._cu.cuMemHostUnregister(tensor.data_ptr()))
+        self._driver("cuMemHostUnregister", self._cu.cuMemHostUnregister, tensor.data_ptr())
 
     # --- lifetime -------------------------------------------------------------------------------
 
@@ -155,24 +148,30 @@ class CudaBackend:
 
     # --- internals ------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _current(self) -> Iterator[None]:
-        if self._context is None:
+    def _driver(self, name: str, function: Callable[..., tuple], *args: Any) -> Any:
+        """Call a driver function with the primary context current; return its value, if it has one.
+
+        Plain push/call/pop rather than a context manager: this is the pool's hot path (a few µs saved
+        per call when single KV pages are mapped).
+        """
+        context = self._context
+        if context is None:
             raise ValueError(f"CudaBackend of {self.device} is closed")
-        self._call("cuCtxPushCurrent", self._cu.cuCtxPushCurrent(self._context))
+        cu = self._cu
+        self._call("cuCtxPushCurrent", cu.cuCtxPushCurrent(context))
         try:
-            yield
+            return self._call(name, function(*args))
         finally:
-            self._call("cuCtxPopCurrent", self._cu.cuCtxPopCurrent())
+            self._call("cuCtxPopCurrent", cu.cuCtxPopCurrent())
 
     def _call(self, name: str, result: tuple) -> Any:
         """Check a cuda.bindings result tuple (CUresult, *values); return the value, if there is one."""
-        error, *values = result
-        if error != self._cu.CUresult.CUDA_SUCCESS:
+        error = result[0]
+        if error != self._success:
             _, error_name = self._cu.cuGetErrorName(error)
             label = error_name.decode() if isinstance(error_name, bytes) else str(error)
             raise BackendError(f"{name} failed on {getattr(self, 'device', 'cuda')}: {label}")
-        return values[0] if values else None
+        return result[1] if len(result) > 1 else None
 
     def _allocation_prop(self, ordinal: int) -> Any:
         cu = self._cu

@@ -5,6 +5,9 @@ pages accessible makes it readable and writable (the kernel backs each page on f
 page drops its contents with MADV_DONTNEED, so the process's resident memory really falls, and makes it
 PROT_NONE again, so a stray access to an unmapped page faults just as it would on a GPU. A remapped page
 reads as zeros (private anonymous memory), unlike a GPU page, which keeps whatever its last user wrote.
+
+Chunks are bookkeeping only here: a chunk handle stands for `num_bytes` of the budget, and mapping it
+does nothing until `set_access`.
 """
 
 from __future__ import annotations
@@ -59,16 +62,16 @@ class HostBackend:
     def release(self, base: int, num_bytes: int) -> None:
         _check(_libc.munmap(base, num_bytes), "munmap")
 
-    def create_page(self) -> int:
-        # Host memory is backed on first touch; a handle only stands for one page of the budget.
+    def create_chunk(self, num_bytes: int) -> int:
+        # Host memory is backed on first touch; a handle only stands for its share of the budget.
         self._next_handle += 1
         return self._next_handle
 
-    def destroy_page(self, handle: int) -> None:
+    def destroy_chunk(self, handle: int) -> None:
         return None
 
-    def map(self, address: int, handle: int) -> None:
-        return None  # the kernel backs the page on first touch once set_access allows it
+    def map(self, address: int, num_bytes: int, handle: int, offset: int) -> None:
+        return None  # the kernel backs the pages on first touch once set_access allows it
 
     def set_access(self, address: int, num_bytes: int) -> None:
         _check(_libc.mprotect(address, num_bytes, mmap.PROT_READ | mmap.PROT_WRITE), "mprotect")
@@ -76,9 +79,9 @@ class HostBackend:
     def synchronize(self) -> None:
         return None  # CPU work is synchronous
 
-    def unmap(self, address: int) -> None:
-        _check(_libc.madvise(address, self.page_bytes, _MADV_DONTNEED), "madvise(MADV_DONTNEED)")
-        _check(_libc.mprotect(address, self.page_bytes, _PROT_NONE), "mprotect")
+    def unmap(self, address: int, num_bytes: int) -> None:
+        _check(_libc.madvise(address, num_bytes, _MADV_DONTNEED), "madvise(MADV_DONTNEED)")
+        _check(_libc.mprotect(address, num_bytes, _PROT_NONE), "mprotect")
 
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
         array = np.ctypeslib.as_array((ctypes.c_uint8 * num_bytes).from_address(base))

@@ -1,8 +1,9 @@
 """WeightSpace: one model's weights in pool pages, mapped up front and given back whole on eviction.
 
-Activation reserves one WEIGHTS range, maps all of its pages in one pool call (all or nothing), and the
-loader places each parameter with `allocate(shape, dtype)`, a bump allocator over the range; eviction is
-`close()`, after which the pages serve other models' KV at once. Weights are never freed one by one, so a
+Activation reserves one WEIGHTS range, maps all of its pages in one pool call (all or nothing; the pool
+maps each aligned group of a chunk's worth of pages with one driver call), and the loader places each
+parameter with `allocate(shape, dtype)`, a bump allocator over the range; eviction is `close()`, after
+which the pages serve other models' KV at once. Weights are never freed one by one, so a
 bump allocator is all that is needed, and it leaves no holes.
 
 Offsets are aligned to 256 bytes: what the caching allocator guarantees (cudaMalloc's alignment), so

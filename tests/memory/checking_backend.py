@@ -1,9 +1,13 @@
 """A backend wrapper that asserts the contract the pool must keep with any backend, and factories.
 
 It sits between the pool and a real backend (host memory, so data tests read and write real bytes) and
-keeps its own books: which physical pages exist, where each is mapped, which pages are accessible. A pool
-that maps one page into two places, maps over a mapped page, destroys a mapped page, releases a range
-with pages still mapped, or leaks a page trips an assertion here, independently of the pool's own counts.
+keeps its own books: which chunks exist, which page of which chunk is mapped where, the extent of every
+mapping, which pages are accessible. It enforces what the lent H100's driver does: a map covers a whole
+chunk (cuMemMap of part of one fails with CUDA_ERROR_NOT_SUPPORTED) and an unmap exactly one whole
+mapping (cuMemUnmap's rule). A pool that maps one physical page into two places, maps over a mapped page,
+maps part of a chunk, unmaps anything but one whole mapping, destroys a chunk with a page still mapped,
+releases a range with pages still mapped, or leaks a chunk trips an assertion here, independently of the
+pool's own counts.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ class CheckingBackend:
         self.device = inner.device
         self.page_bytes = inner.page_bytes
         self.reservations: dict[int, int] = {}  # base -> bytes
-        self.live_pages: set[Any] = set()
-        self.page_at: dict[int, Any] = {}  # address -> physical page mapped there
-        self.address_of: dict[Any, int] = {}  # physical page -> address it is mapped at
+        self.chunks: dict[Any, int] = {}  # live chunk handle -> pages
+        self.mappings: dict[int, tuple[int, Any, int]] = {}  # mapping start -> (pages, chunk, first page in chunk)
+        self.page_at: dict[int, tuple[Any, int]] = {}  # page address -> (chunk, page in chunk) mapped there
+        self.address_of: dict[tuple[Any, int], int] = {}  # (chunk, page in chunk) -> address it is mapped at
         self.accessible: set[int] = set()  # page addresses readable and writable
+        self.map_sizes: list[int] = []  # pages per map call, in order
         self.num_synchronize = 0
 
     # --- PageBackend ----------------------------------------------------------------------------
@@ -43,26 +49,35 @@ class CheckingBackend:
         self.inner.release(base, num_bytes)
         del self.reservations[base]
 
-    def create_page(self) -> Any:
-        handle = self.inner.create_page()
-        assert handle not in self.live_pages, "backend handed out a live page twice"
-        self.live_pages.add(handle)
+    def create_chunk(self, num_bytes: int) -> Any:
+        assert num_bytes > 0 and num_bytes % self.page_bytes == 0, f"bad chunk size {num_bytes}"
+        handle = self.inner.create_chunk(num_bytes)
+        assert handle not in self.chunks, "backend handed out a live chunk twice"
+        self.chunks[handle] = num_bytes // self.page_bytes
         return handle
 
-    def destroy_page(self, handle: Any) -> None:
-        assert handle in self.live_pages, "destroying a page that does not exist"
-        assert handle not in self.address_of, "destroying a mapped page"
-        self.inner.destroy_page(handle)
-        self.live_pages.remove(handle)
+    def destroy_chunk(self, handle: Any) -> None:
+        assert handle in self.chunks, "destroying a chunk that does not exist"
+        assert not any((handle, i) in self.address_of for i in range(self.chunks[handle])), "destroying a mapped chunk"
+        self.inner.destroy_chunk(handle)
+        del self.chunks[handle]
 
-    def map(self, address: int, handle: Any) -> None:
-        assert handle in self.live_pages, "mapping a page that does not exist"
-        assert handle not in self.address_of, f"page already mapped at {self.address_of.get(handle):#x}"
-        assert address not in self.page_at, f"address {address:#x} already mapped"
-        assert self._inside_reservation(address), f"address {address:#x} outside every reservation"
-        self.inner.map(address, handle)
-        self.page_at[address] = handle
-        self.address_of[handle] = address
+    def map(self, address: int, num_bytes: int, handle: Any, offset: int) -> None:
+        page = self.page_bytes
+        assert handle in self.chunks, "mapping a chunk that does not exist"
+        assert num_bytes > 0 and num_bytes % page == 0 and offset % page == 0
+        first, count = offset // page, num_bytes // page
+        assert first == 0 and count == self.chunks[handle], "mapping part of a chunk (the driver refuses it)"
+        for i in range(count):
+            assert (handle, first + i) not in self.address_of, f"page {first + i} of a chunk is already mapped"
+            assert address + i * page not in self.page_at, f"address {address + i * page:#x} already mapped"
+        assert self._inside_one_reservation(address, num_bytes), f"[{address:#x}, +{num_bytes}) outside a reservation"
+        self.inner.map(address, num_bytes, handle, offset)
+        self.mappings[address] = (count, handle, first)
+        self.map_sizes.append(count)
+        for i in range(count):
+            self.page_at[address + i * page] = (handle, first + i)
+            self.address_of[(handle, first + i)] = address + i * page
 
     def set_access(self, address: int, num_bytes: int) -> None:
         assert num_bytes > 0 and num_bytes % self.page_bytes == 0
@@ -75,11 +90,16 @@ class CheckingBackend:
         self.num_synchronize += 1
         self.inner.synchronize()
 
-    def unmap(self, address: int) -> None:
-        assert address in self.page_at, f"unmapping {address:#x}, which is not mapped"
-        self.inner.unmap(address)
-        del self.address_of[self.page_at.pop(address)]
-        self.accessible.discard(address)
+    def unmap(self, address: int, num_bytes: int) -> None:
+        assert address in self.mappings, f"unmapping {address:#x}, where no mapping starts"
+        count, handle, first = self.mappings[address]
+        assert num_bytes == count * self.page_bytes, "unmapping part of a mapping (cuMemUnmap forbids it)"
+        self.inner.unmap(address, num_bytes)
+        del self.mappings[address]
+        for i in range(count):
+            a = address + i * self.page_bytes
+            del self.address_of[self.page_at.pop(a)]
+            self.accessible.discard(a)
 
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
         return self.inner.tensor(base, num_bytes)
@@ -96,8 +116,16 @@ class CheckingBackend:
     def num_mapped(self) -> int:
         return len(self.page_at)
 
-    def _inside_reservation(self, address: int) -> bool:
-        return any(base <= address < base + size for base, size in self.reservations.items())
+    @property
+    def num_created_pages(self) -> int:
+        return sum(self.chunks.values())
+
+    def _inside_one_reservation(self, address: int, num_bytes: int) -> bool:
+        """[address, address + num_bytes) lies in one reservation, at a whole page from its base."""
+        return any(
+            base <= address and address + num_bytes <= base + size and (address - base) % self.page_bytes == 0
+            for base, size in self.reservations.items()
+        )
 
 
 @dataclass
@@ -114,11 +142,15 @@ class PoolRig:
         snap = self.pool.snapshot()
         assert snap.pages_mapped == self.checker.num_mapped
         assert snap.pages_mapped == sum(snap.kv_pages.values()) + sum(snap.weight_pages.values())
-        assert len(self.checker.live_pages) == snap.pages_mapped + snap.pages_reserved, "a physical page leaked"
+        assert self.checker.num_created_pages == snap.pages_mapped + snap.pages_reserved, "a physical page leaked"
+        assert len(self.checker.chunks) == snap.num_chunks, "a chunk leaked"
         assert set(self.checker.accessible) == set(self.checker.page_at), "a mapped page was left inaccessible"
 
 
-def make_rig(page_bytes: int = 16 * 1024, budget_pages: int = 32, reserve_pages: int = 4) -> PoolRig:
+def make_rig(
+    page_bytes: int = 16 * 1024, budget_pages: int = 32, reserve_pages: int = 4, chunk_pages: int = 4
+) -> PoolRig:
+    """A pool of `budget_pages` pages in chunks of `chunk_pages` (1: every page its own chunk)."""
     checker = CheckingBackend(HostBackend(page_bytes))
     faults = FaultInjectingBackend(checker)
-    return PoolRig(PagePool(faults, budget_pages * page_bytes, reserve_pages), checker, faults)
+    return PoolRig(PagePool(faults, budget_pages * page_bytes, reserve_pages, chunk_pages), checker, faults)

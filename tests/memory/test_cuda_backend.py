@@ -1,4 +1,5 @@
-"""CUDA VMM backend on a real GPU: views, data integrity under a neighbour's churn, page reuse, budgets.
+"""CUDA VMM backend on a real GPU: whole-chunk maps (the driver refuses part of one), views, data integrity
+under a neighbour's churn, page reuse, budgets.
 
 Run on the device machine: python -m pytest tests/memory/test_cuda_backend.py -m gpu -q
 """
@@ -116,13 +117,14 @@ def test_page_unmapped_by_one_model_is_reused_by_another(backend):
     first = KVSpace(pool, "first", block_bytes=PAGE, max_blocks=4, idle_pages=0)
     second = KVSpace(pool, "second", block_bytes=PAGE, max_blocks=4, idle_pages=0)
     first_ids = first.allocate(4)
-    first_handles = {int(h) for h in first.vrange.handles}
+    first_handles = set(first.vrange.handles)
+    assert counting.calls["create_chunk"] == 4 and counting.calls["map"] == 4, "four one-page chunks"
     assert second.allocate(1) is None, "the first model holds the whole budget"
     first.free(first_ids)
-    created = counting.calls["create_page"]
+    created = counting.calls["create_chunk"]
     second_ids = second.allocate(4)
-    assert counting.calls["create_page"] == created, "no new physical page was created"
-    assert {int(h) for h in second.vrange.handles} == first_handles, "the same physical pages moved over"
+    assert counting.calls["create_chunk"] == created, "no new physical page was created"
+    assert set(second.vrange.handles) == first_handles, "the same physical pages moved over"
     view = int32_blocks(second)
     for b in second_ids:
         view[b].fill_(b + 1)
@@ -154,13 +156,73 @@ def test_budget_exhaustion_is_an_ordinary_result(backend):
 
 def test_driver_errors_name_the_call_and_the_error(backend):
     base = backend.reserve(2 * PAGE)
-    handle = backend.create_page()
+    handle = backend.create_chunk(PAGE)
     try:
         with pytest.raises(BackendError, match=r"cuMemMap failed on cuda:0: CUDA_ERROR_\w+"):
-            backend.map(base + 4096, handle)  # not aligned to the granularity
+            backend.map(base + 4096, PAGE, handle, 0)  # not aligned to the granularity
     finally:
-        backend.destroy_page(handle)
+        backend.destroy_chunk(handle)
         backend.release(base, 2 * PAGE)
+
+
+def test_the_driver_maps_whole_chunks_only(backend):
+    """Regression: the first chunked pool mapped 2 MiB sub-ranges of 64 MiB chunks, which the documentation
+    allows (cuMemMap's offset) but the lent H100's driver refuses; every mapping is now a whole chunk."""
+    chunk = backend.create_chunk(4 * PAGE)
+    base = backend.reserve(8 * PAGE)
+    words = PAGE // 4
+    try:
+        with pytest.raises(BackendError, match="cuMemMap failed on cuda:0: CUDA_ERROR_NOT_SUPPORTED"):
+            backend.map(base, 3 * PAGE, chunk, 0)
+        with pytest.raises(BackendError, match="cuMemMap failed"):
+            backend.map(base, PAGE, chunk, PAGE)
+        backend.map(base + 4 * PAGE, 4 * PAGE, chunk, 0)
+        backend.set_access(base + 4 * PAGE, 4 * PAGE)
+        view = backend.tensor(base, 8 * PAGE).view(torch.int32)
+        view[4 * words :] = torch.arange(4 * words, device=view.device, dtype=torch.int32)
+        torch.cuda.synchronize()
+        backend.unmap(base + 4 * PAGE, 4 * PAGE)
+        backend.map(base, 4 * PAGE, chunk, 0)  # the same chunk, elsewhere: its contents move with it
+        backend.set_access(base, 4 * PAGE)
+        assert torch.equal(view[: 4 * words].cpu(), torch.arange(4 * words, dtype=torch.int32))
+        del view
+        torch.cuda.synchronize()
+        backend.unmap(base, 4 * PAGE)
+    finally:
+        backend.destroy_chunk(chunk)
+        backend.release(base, 8 * PAGE)
+
+
+def test_weights_map_a_chunk_per_aligned_group_and_kv_uses_the_stock_of_single_pages(backend):
+    counting = FaultInjectingBackend(backend)
+    pool = PagePool(counting, 96 * PAGE, reserve_pages=96)
+    assert pool.replenish_reserve() == 96
+    snap = pool.snapshot()
+    assert (snap.num_chunks, snap.num_free_chunks) == (34, 2), "32 single pages and two whole chunks"
+    weights = WeightSpace(pool, "m", 40 * PAGE)
+    assert counting.calls["map"] == 2 and counting.calls["set_access"] == 1, "pages 0-31 and 32-39: two chunks"
+    assert [weights.vrange.handles[i][0].num_pages for i in (0, 32)] == [32, 8]
+    values = weights.allocate((40 * PAGE // 4,), torch.int32)
+    values.copy_(torch.arange(values.numel(), device=values.device, dtype=torch.int32))
+    kv = KVSpace(pool, "m", block_bytes=PAGE, max_blocks=16, idle_pages=0)
+    view = int32_blocks(kv)
+    created = counting.calls["create_chunk"]
+    for step in range(20):
+        ids = kv.allocate(4)
+        for b in ids:
+            view[b].fill_(step)
+        assert all(int(view[b][-1]) == step for b in ids)
+        kv.free(ids)
+    assert counting.calls["create_chunk"] == created, "KV pages came from the stock: no chunk created"
+    assert pool.snapshot().num_free_chunks == 1
+    torch.cuda.synchronize()
+    assert torch.equal(values.cpu(), torch.arange(values.numel(), dtype=torch.int32)), "weights intact"
+    pool.audit()
+    del values, view
+    kv.close()
+    weights.close()
+    pool.close()
+    assert counting.calls["destroy_chunk"] == counting.calls["create_chunk"], "every chunk destroyed"
 
 
 def test_pinned_host_memory_copies_to_the_device(backend):

@@ -58,15 +58,48 @@ def test_host_page_size_must_fit_the_os_page():
 
 
 def test_fault_fires_once_at_the_chosen_call_and_counts_calls():
-    backend = FaultInjectingBackend(HostBackend(64 * 1024))
-    backend.fail_at("create_page", 2)
-    assert backend.pending_faults == {"create_page": 2}
-    backend.create_page()
-    with pytest.raises(BackendError, match="create_page call 2"):
-        backend.create_page()
-    backend.create_page()
-    assert backend.calls["create_page"] == 3 and backend.pending_faults == {}
+    page = 64 * 1024
+    backend = FaultInjectingBackend(HostBackend(page))
+    backend.fail_at("create_chunk", 2)
+    assert backend.pending_faults == {"create_chunk": 2}
+    backend.create_chunk(4 * page)
+    with pytest.raises(BackendError, match="create_chunk call 2"):
+        backend.create_chunk(4 * page)
+    handle = backend.create_chunk(4 * page)
+    assert backend.calls["create_chunk"] == 3 and backend.pending_faults == {}
     with pytest.raises(ValueError):
         backend.fail_at("no_such_call")
     with pytest.raises(ValueError):
         backend.fail_at("map", 0)
+    with pytest.raises(ValueError):
+        backend.fail_at("unmap", 1, min_pages=2)
+
+    base = backend.reserve(8 * page)
+    backend.fail_at("map", 1, min_pages=2)  # single pages pass; the first run-map fails
+    assert backend.pending_faults == {"map_run": 1}
+    backend.map(base, page, handle, 0)
+    with pytest.raises(BackendError, match="run-map of 3 pages"):
+        backend.map(base + page, 3 * page, handle, page)
+    backend.map(base + page, 3 * page, handle, page)
+    assert backend.calls["map"] == 3 and backend.pending_faults == {}
+    backend.unmap(base + page, 3 * page)
+    backend.unmap(base, page)
+    backend.release(base, 8 * page)
+
+
+def test_a_run_unmapped_whole_drops_its_contents_and_faults_again():
+    page = 64 * 1024
+    backend = HostBackend(page)
+    base = backend.reserve(4 * page)
+    chunk = backend.create_chunk(4 * page)
+    backend.map(base, 3 * page, chunk, page)
+    backend.set_access(base, 3 * page)
+    view = backend.tensor(base, 4 * page)
+    view[: 3 * page] = 9
+    backend.unmap(base, 3 * page)
+    backend.map(base, 3 * page, chunk, page)
+    backend.set_access(base, 3 * page)
+    assert int(view[: 3 * page].sum()) == 0
+    backend.unmap(base, 3 * page)
+    backend.destroy_chunk(chunk)
+    backend.release(base, 4 * page)

@@ -111,10 +111,13 @@ def test_num_blocks_backable_is_exact_when_blocks_divide_pages():
     assert a.num_blocks_backable() == 0 and b.num_blocks_backable() == 3
 
 
-@pytest.mark.parametrize("operation, nth", [("create_page", 2), ("map", 3), ("set_access", 1)])
-def test_backend_error_mid_allocation_restores_state_and_the_same_blocks(operation, nth):
+@pytest.mark.parametrize(
+    "operation, nth, chunk_pages",
+    [("create_chunk", 1, 4), ("create_chunk", 2, 1), ("map", 3, 4), ("set_access", 1, 4)],
+)
+def test_backend_error_mid_allocation_restores_state_and_the_same_blocks(operation, nth, chunk_pages):
     """Regression: a map failure used to drop the block ids popped for the allocation."""
-    faulty, clean = make_rig(page_bytes=PAGE), make_rig(page_bytes=PAGE)
+    faulty, clean = (make_rig(page_bytes=PAGE, chunk_pages=chunk_pages) for _ in range(2))
     spaces = [make_space(rig, block_bytes=6 * KIB) for rig in (faulty, clean)]
     for space in spaces:
         assert space.allocate(3) is not None  # pages 0-1, block 3 ready

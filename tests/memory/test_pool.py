@@ -43,13 +43,13 @@ def test_accounting_is_per_owner_and_kind():
 
 
 def test_reserve_is_reused_and_stays_within_target_and_budget():
-    rig = make_rig(budget_pages=6, reserve_pages=4)
+    rig = make_rig(budget_pages=6, reserve_pages=4, chunk_pages=1)  # a chunk per page: page-exact reserve
     pool = rig.pool
     assert pool.replenish_reserve() == 4
-    created = rig.faults.calls["create_page"]
+    created = rig.faults.calls["create_chunk"]
     a = pool.reserve_range("a", KV, 6 * pool.page_bytes)
     assert pool.map_pages(a, range(3))
-    assert rig.faults.calls["create_page"] == created, "mapping took pages from the reserve"
+    assert rig.faults.calls["create_chunk"] == created, "mapping took pages from the reserve"
     assert pool.snapshot().pages_reserved == 1
     assert pool.replenish_reserve() == 2, "3 mapped + 3 reserved fill a budget of 6"
     pool.unmap_pages(a, range(3))
@@ -96,9 +96,12 @@ def test_released_range_is_no_longer_usable():
     rig.assert_consistent()
 
 
-@pytest.mark.parametrize("operation, nth", [("create_page", 3), ("map", 2), ("map", 5), ("set_access", 2)])
-def test_backend_fault_rolls_back_every_page_of_the_call(operation, nth):
-    rig = make_rig(budget_pages=16, reserve_pages=2)
+@pytest.mark.parametrize(
+    "operation, nth, chunk_pages",
+    [("create_chunk", 3, 1), ("create_chunk", 1, 4), ("map", 2, 4), ("map", 5, 4), ("set_access", 2, 4)],
+)
+def test_backend_fault_rolls_back_every_page_of_the_call(operation, nth, chunk_pages):
+    rig = make_rig(budget_pages=16, reserve_pages=2, chunk_pages=chunk_pages)
     pool = rig.pool
     r = pool.reserve_range("a", KV, 12 * pool.page_bytes)
     assert pool.map_pages(r, [0])

@@ -1,12 +1,16 @@
 """Property-based: random sequences of allocate / free / trim / set_budget / weight activation and eviction
-(with injected backend faults) over several KV spaces and weight spaces sharing one pool.
+(with injected backend faults, run-maps included) over several KV spaces and weight spaces sharing one
+pool, with physical memory in chunks of 4 pages and, as a control, of 1 page.
 
 After every step: the pool's, the spaces' and the checking backend's books agree exactly (no page leaked,
-none in two places, per-model counts right), every live block and weight is backed and holds what was
-written into it, and mapped pages never grow past the budget. Each allocation is compared with a
-reference model of the documented policy (ready blocks first, then the lowest ids; None exactly when the
-free pages and the other spaces' idle pages, which the pool reclaims, cannot back it). At the end every
-range is released and every physical page destroyed.
+no physical page in two places, every chunk's free pages right, per-model counts right, every unmap
+exactly one whole mapping), every live block and weight is backed and holds what was written into it,
+and mapped pages never grow past the budget. Each allocation is compared with a reference model of the
+documented policy (ready blocks first, then the lowest ids; None exactly when the free pages and the
+other spaces' idle pages, which the pool reclaims, cannot back it). Every mapping is one whole chunk (the
+checking backend refuses anything else, as the H100's driver does): each aligned group of weights is one
+chunk of its size, part of it cannot be unmapped, KV pages are one-page chunks mapped and unmapped one by
+one. At the end every range is released and every chunk destroyed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+import pytest
+
 from memory import BackendError, KVSpace, PoolExhaustedError, WeightSpace
 from tests.memory.checking_backend import make_rig
 
@@ -24,13 +30,15 @@ PAGE = 16 * KIB
 # (block bytes, max blocks, idle pages): a block smaller than a page, one straddling pages, one over two pages.
 SPACES = {"small": (4 * KIB, 48, 2), "straddle": (6 * KIB, 40, 1), "large": (40 * KIB, 10, 0)}
 WEIGHT_OWNERS = ("w1", "w2")
-FAULT_OPERATIONS = ("create_page", "map", "set_access")
+FAULT_OPERATIONS = ("create_chunk", "map", "map_run", "set_access")
 
 
 class PoolMachine(RuleBasedStateMachine):
+    CHUNK_PAGES = 4
+
     def __init__(self):
         super().__init__()
-        self.rig = make_rig(page_bytes=PAGE, budget_pages=24, reserve_pages=3)
+        self.rig = make_rig(page_bytes=PAGE, budget_pages=24, reserve_pages=3, chunk_pages=self.CHUNK_PAGES)
         self.spaces = {name: KVSpace(self.rig.pool, name, *shape) for name, shape in SPACES.items()}
         self.views = {name: s.tensor(torch.int32, (s.block_bytes // 4,)) for name, s in self.spaces.items()}
         self.live: dict[str, dict[int, int]] = {name: {} for name in SPACES}  # block id -> value written
@@ -56,7 +64,7 @@ class PoolMachine(RuleBasedStateMachine):
         expected = self._predict(name, num_blocks)
         # Only this space must be as it was: the pool may have reclaimed other spaces' idle pages first.
         before = self._space_state(name)
-        rig.faults.fail_at(operation, nth)
+        self._arm(operation, nth)
         try:
             block_ids = space.allocate(num_blocks)
         except BackendError:
@@ -94,12 +102,13 @@ class PoolMachine(RuleBasedStateMachine):
     def replenish_reserve(self):
         self.rig.pool.replenish_reserve()
 
-    @rule(owner=st.sampled_from(WEIGHT_OWNERS), num_bytes=st.integers(1, 6 * PAGE))
+    @rule(owner=st.sampled_from(WEIGHT_OWNERS), num_bytes=st.integers(1, 10 * PAGE))
     def activate_weights(self, owner, num_bytes):
         if owner in self.weights:
             return
         pool = self.rig.pool
-        fits = self._can_back(-(-num_bytes // PAGE), exclude=None)
+        num_pages = -(-num_bytes // PAGE)
+        fits = self._can_back(num_pages, exclude=None)
         before = pool.snapshot()
         try:
             space = WeightSpace(pool, owner, num_bytes)
@@ -110,12 +119,53 @@ class PoolMachine(RuleBasedStateMachine):
             assert (after.pages_mapped, after.weight_pages) == (before.pages_mapped, before.weight_pages)
             return
         assert fits, "accepted weights beyond the free pages"
+        self._check_weight_runs(space)
         tensor = space.allocate((num_bytes,), torch.uint8)
         assert tensor.data_ptr() % 256 == 0 and space.num_bytes_used == num_bytes
         value = self.next_value % 251 + 1
         tensor.fill_(value)
         self.weights[owner] = (space, tensor, value)
         self.next_value += 1
+
+    @rule(
+        owner=st.sampled_from(WEIGHT_OWNERS),
+        num_pages=st.integers(1, 10),
+        operation=st.sampled_from(FAULT_OPERATIONS),
+        nth=st.integers(1, 3),
+    )
+    def activate_weights_with_fault(self, owner, num_pages, operation, nth):
+        if owner in self.weights:
+            return
+        pool = self.rig.pool
+        before = pool.snapshot()
+        self._arm(operation, nth)
+        try:
+            space = WeightSpace(pool, owner, num_pages * PAGE)
+        except (BackendError, PoolExhaustedError) as error:
+            event(f"weights failed: {type(error).__name__}")
+            after = pool.snapshot()  # other spaces' idle pages may have been reclaimed before the fault
+            assert after.weight_pages == before.weight_pages and after.pages_mapped <= before.pages_mapped
+            assert not self.rig.checker.reservations.keys() - self._live_bases(), "the failed range was released"
+            return
+        finally:
+            self.rig.faults.clear_faults()
+        self._check_weight_runs(space)
+        tensor = space.allocate((num_pages * PAGE,), torch.uint8)
+        tensor.fill_(self.next_value % 251 + 1)
+        self.weights[owner] = (space, tensor, self.next_value % 251 + 1)
+        self.next_value += 1
+
+    @precondition(lambda self: self._owners_with_long_runs())
+    @rule(data=st.data())
+    def unmapping_part_of_a_weight_run_is_refused(self, data):
+        owner = data.draw(st.sampled_from(self._owners_with_long_runs()))
+        space = self.weights[owner][0]
+        page = data.draw(st.integers(0, space.vrange.handles[0][0].num_pages - 1))
+        before = self.rig.pool.snapshot()
+        with pytest.raises(ValueError, match="one run"):
+            self.rig.pool.unmap_pages(space.vrange, [page])
+        assert self.rig.pool.snapshot() == before
+        event("part of a weight run refused")
 
     @precondition(lambda self: self.weights)
     @rule(data=st.data())
@@ -163,8 +213,37 @@ class PoolMachine(RuleBasedStateMachine):
             space.close()
         self.weights.clear()
         self.rig.pool.close()
-        assert not self.rig.checker.live_pages, "physical pages leaked past close"
+        assert not self.rig.checker.chunks, "physical chunks leaked past close"
         assert not self.rig.checker.reservations, "address space leaked past close"
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _arm(self, operation: str, nth: int) -> None:
+        if operation == "map_run":
+            self.rig.faults.fail_at("map", nth, min_pages=2)
+        else:
+            self.rig.faults.fail_at(operation, nth)
+
+    def _owners_with_long_runs(self) -> list[str]:
+        return sorted(o for o, (space, _, _) in self.weights.items() if space.vrange.handles[0][0].num_pages > 1)
+
+    def _live_bases(self) -> set[int]:
+        spaces = [s.vrange for s in self.spaces.values()] + [s.vrange for s, _, _ in self.weights.values()]
+        return {vrange.base for vrange in spaces}
+
+    def _check_weight_runs(self, space: WeightSpace) -> None:
+        """Each aligned group of a chunk's worth of pages is one chunk of exactly its size, in order."""
+        vrange, chunk_pages = space.vrange, self.CHUNK_PAGES
+        chunks = []
+        for start in range(0, vrange.num_pages, chunk_pages):
+            size = min(chunk_pages, vrange.num_pages - start)
+            chunk = vrange.handles[start][0]
+            assert chunk.num_pages == size, "a group is not one chunk of its size"
+            assert vrange.handles[start : start + size] == list(chunk.pages), "a group's pages are out of order"
+            chunks.append(chunk)
+        assert len(set(chunks)) == len(chunks)
+        if len(chunks) > 1:
+            event("weights in several chunks")
 
     # --- reference model ------------------------------------------------------------------------
 
@@ -216,10 +295,18 @@ class PoolMachine(RuleBasedStateMachine):
             self.next_value += 1
 
 
-PoolMachine.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class PagePerChunkMachine(PoolMachine):
+    """The same properties with every page its own chunk: the pre-chunk pool's behaviour, as a control."""
+
+    CHUNK_PAGES = 1
+
+
+for machine in (PoolMachine, PagePerChunkMachine):
+    machine.TestCase.settings = settings(
+        max_examples=60,
+        stateful_step_count=40,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 TestPoolMachine = PoolMachine.TestCase
+TestPagePerChunkMachine = PagePerChunkMachine.TestCase

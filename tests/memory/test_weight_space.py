@@ -58,12 +58,27 @@ def test_weights_that_do_not_fit_raise_and_leave_nothing_mapped():
     rig.assert_consistent()
 
 
-def test_backend_fault_while_mapping_weights_leaves_nothing_behind():
-    rig = make_rig(page_bytes=PAGE, budget_pages=10)
-    rig.faults.fail_at("map", 4)
+@pytest.mark.parametrize(
+    "chunk_pages, operation, nth, min_pages",
+    [
+        (4, "map", 1, 2),  # the run-map of the first whole chunk
+        (4, "map", 2, 1),  # the tail run, after a whole chunk was mapped
+        (4, "create_chunk", 2, 1),
+        (4, "set_access", 1, 1),
+        (1, "map", 4, 1),  # one page per chunk: the fourth page
+    ],
+)
+def test_backend_fault_while_mapping_weights_leaves_nothing_behind(chunk_pages, operation, nth, min_pages):
+    rig = make_rig(page_bytes=PAGE, budget_pages=10, reserve_pages=0, chunk_pages=chunk_pages)
+    rig.faults.fail_at(operation, nth, min_pages)
     with pytest.raises(BackendError):
         WeightSpace(rig.pool, "m", 6 * PAGE)
+    assert not rig.faults.pending_faults, "the fault fired"
     assert rig.pool.snapshot().pages_mapped == 0 and not rig.checker.reservations
+    assert not rig.checker.chunks, "chunks created for the failed call were destroyed (no reserve)"
+    rig.assert_consistent()
+    space = WeightSpace(rig.pool, "m", 6 * PAGE)
+    assert space.num_pages == 6
     rig.assert_consistent()
 
 
