@@ -152,7 +152,8 @@ async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, 
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         for model in models:
             mine = [r for r, m in jobs if m == model][:num] or [TraceRequest(0, 0, 128, 64)]
-            await send(client, url, model, TraceRequest(0, 0, 16, 4), rng, timeout_s)  # activation, warm-up
+            for length in (16, 37, 100, 300):  # activation, and kernels compiled for several prompt shapes
+                await send(client, url, model, TraceRequest(0, 0, length, 4), rng, timeout_s)
             results = [await send(client, url, model, TraceRequest(0, 0, r.prompt_len, min(r.output_len, 128)), rng, timeout_s) for r in mine]
             ok = [r for r in results if r.error is None and r.ttft_s is not None]
             if not ok:

@@ -205,6 +205,7 @@ class Engine:
         if self._scratch is None:
             raise NotEnoughMemory(f"{self.spec.name}: no KV block for the CUDA graphs' scratch space")
         if self.graphs is None:
+            self._warm_up_prefill()
             self.graphs = DecodeGraphs(
                 self.model, self.kv_cache, self.block_size, self.spec.max_num_seqs,
                 max_blocks_per_seq=-(-self.spec.max_model_len // self.block_size), scratch_block=self._scratch[0],
@@ -212,6 +213,29 @@ class Engine:
             self.graphs.capture()
         else:
             self.graphs.scratch_block = self._scratch[0]
+
+    @torch.inference_mode()
+    def _warm_up_prefill(self) -> None:
+        """Compile the prefill kernels' variants (Triton specialises on shapes) before the first request does."""
+        lengths = (1, 16, 33, 130)  # divisible by 16 or not, one block or several
+        blocks = self.kv.allocate(sum(-(-n // self.block_size) for n in lengths))
+        if blocks is None:
+            return
+        tables, start = [], 0
+        for n in lengths:
+            count = -(-n // self.block_size)
+            tables.append(blocks[start : start + count])
+            start += count
+        try:
+            for chunk_lengths in ((lengths[0],), lengths):
+                batch = build_batch(
+                    [[1] * n for n in chunk_lengths], [0] * len(chunk_lengths), tables[: len(chunk_lengths)],
+                    [True] * len(chunk_lengths), self.block_size, self.device, with_device_meta=True,
+                )
+                self.model.logits(self.model.forward(batch, self.kv_cache))
+            torch.cuda.synchronize(self.device)
+        finally:
+            self.kv.free(blocks)
 
     # --- steps ------------------------------------------------------------------------------------
 
