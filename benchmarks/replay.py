@@ -209,30 +209,53 @@ def _pct(values: list[float], q: float) -> float | None:
 # --- driving servers ---------------------------------------------------------------------------------
 
 
-def start_policy_server(config: Path, policy: str, workdir: Path):
+def start_policy_server(config: Path, policy: str, workdir: Path, slos: dict | None, slo_scale: float):
+    """A server of the registry with `policy`; the measured SLOs written in, so the scheduler knows them."""
     import yaml
 
     from tests.controller.server_process import start_server
 
     registry = yaml.safe_load(config.read_text())
     registry.setdefault("scheduler", {})["policy"] = policy
+    registry.setdefault("server", {})["admin_token_env"] = "PRISM_REPLAY_ADMIN_TOKEN"
+    for model in registry["models"]:
+        if slos and model["name"] in slos:
+            p95 = slos[model["name"]]
+            model["slo"] = {"ttft_s": p95["ttft_p95_s"] * slo_scale, "tpot_s": p95["tpot_p95_s"] * slo_scale}
     for model in registry["models"]:  # keep relative paths working from the copy
         for key in ("path", "gguf", "config", "tokenizer"):
             if key in model and not Path(str(model[key])).is_absolute() and (config.parent / str(model[key])).exists():
                 model[key] = str((config.parent / str(model[key])).resolve())
     path = workdir / f"registry-{policy}.yaml"
     path.write_text(yaml.safe_dump(registry))
-    return start_server(path, ready_timeout_s=900)
+    return start_server(path, env={"PRISM_REPLAY_ADMIN_TOKEN": ADMIN_TOKEN}, ready_timeout_s=900)
 
 
-def run_points(url: str, jobs, models, args, slos) -> list[dict]:
+ADMIN_TOKEN = "replay-admin"
+
+
+def lifecycle_counts(base_url: str) -> dict:
+    """Activations and evictions so far, from the admin event log."""
+    events = httpx.get(base_url + "/admin/events", params={"limit": 1000}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30)
+    counts: dict[str, int] = {}
+    for event in events.json().get("events", []):
+        counts[event["kind"]] = counts.get(event["kind"], 0) + 1
+    return counts
+
+
+def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list[dict]:
+    if args.warmup > 0:  # not measured: first-use costs (kernel variants, allocator growth) for every policy alike
+        asyncio.run(replay(url, jobs, args.rate_scales[0], args.warmup, args.timeout, args.seed + 1))
     points = []
     for scale in args.rate_scales:
+        before = lifecycle_counts(url) if events else {}
         started = time.perf_counter()
         results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
         wall = time.perf_counter() - started
         summary = summarize(results, slos, args.slo_scale, wall)
-        points.append({"rate_scale": scale, "wall_s": wall, **summary})
+        after = lifecycle_counts(url) if events else {}
+        lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
               f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s", flush=True)
@@ -277,6 +300,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=1.0, help="popularity exponent for traces without streams")
     parser.add_argument("--rate-scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--duration", type=float, default=60.0, help="wall seconds replayed per rate scale")
+    parser.add_argument("--warmup", type=float, default=0.0, help="wall seconds replayed first, not measured")
     parser.add_argument("--slo-scale", type=float, default=5.0)
     parser.add_argument("--slos", type=Path, help="JSON of dedicated P95s (else --calibrate measures them)")
     parser.add_argument("--calibrate", type=int, default=10, help="requests per model for the dedicated P95")
@@ -305,14 +329,18 @@ def main() -> None:
     else:
         from tests.controller.server_process import stop_server
 
+        if slos is None:  # measured once, every model alone, on a prism server without SLOs of ours
+            server = start_policy_server(args.config, "prism", args.out.parent, None, args.slo_scale)
+            try:
+                slos = asyncio.run(calibrate(server.base_url, args.models, jobs, args.calibrate, args.timeout))
+            finally:
+                stop_server(server)
+        result["dedicated_p95"] = slos
         for policy in args.policies:
             print(f"policy {policy}: starting the server", flush=True)
-            server = start_policy_server(args.config, policy, args.out.parent)
+            server = start_policy_server(args.config, policy, args.out.parent, slos, args.slo_scale)
             try:
-                if slos is None:  # measured once, on the first policy's server (every model alone)
-                    slos = asyncio.run(calibrate(server.base_url, args.models, jobs, args.calibrate, args.timeout))
-                    result["dedicated_p95"] = slos
-                result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos)
+                result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True)
             finally:
                 stop_server(server)
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # keep what is done if a later policy fails

@@ -6,7 +6,8 @@ requests, and which running sequence gives its memory back under pressure.
   (`prefill_order.py`). Each model admits its waiting requests in that order; requests that the
   ordering drops (they would miss anyway) come after the ones that can still make it.
 - The model that steps next is the one whose most urgent work must start soonest: for a prefill that
-  can still meet its TTFT, the deadline minus its predicted prefill time; for a decode, the last token's
+  can still meet its TTFT, the deadline minus its predicted prefill time minus a safety margin (half
+  the TTFT SLO by default, so prefills do not start just in time); for a decode, the last token's
   time plus the model's TPOT SLO (a step's own time is small and similar across models, so it is left
   out). Prefills that are already late, or have no deadline, are best-effort: they run when the most
   urgent savable work can afford one of their steps, so they progress whenever slack exists and only
@@ -95,9 +96,12 @@ class PrismPolicy:
 
     name = "prism"
 
-    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0):
+    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0, ttft_margin: float = 0.5):
         self.speed = speed
         self.max_wait_s = max_wait_s
+        # Aim to finish a prefill this share of its TTFT SLO before the deadline: starting just in time
+        # turns every misprediction of step times into a miss.
+        self.ttft_margin = ttft_margin
 
     def order(self, queues: list[ModelQueue], step: int, now: float) -> StepOrder:
         # Predicted prefill seconds of every sequence that awaits its first token, computed once a step.
@@ -135,7 +139,7 @@ class PrismPolicy:
                 if best_effort is None or _deadline_key(seq) < _deadline_key(best_effort):
                     best_effort = seq
             else:
-                start_by = min(start_by, seq.ttft_deadline_s - prefill_s[seq])
+                start_by = min(start_by, seq.ttft_deadline_s - prefill_s[seq] - self.ttft_margin * queue.ttft_slo_s)
         if best_effort is None:
             return ModelUrgency(queue, start_by, None, 0.0)
         step_tokens = max(1, min(best_effort.num_uncomputed_tokens, queue.max_num_batched_tokens))

@@ -19,9 +19,9 @@ def decoding(req_id: str, model: str, last_token_s: float, *, max_tokens: int = 
     return seq
 
 
-def first_model(*queues, policy: str = "prism", tokens_per_s: float = 1000.0) -> str:
+def first_model(*queues, policy: str = "prism", tokens_per_s: float = 1000.0, ttft_margin: float = 0.0) -> str:
     speed = PrefillSpeed(tokens_per_s)
-    chosen = PrismPolicy(speed) if policy == "prism" else FcfsPolicy()
+    chosen = PrismPolicy(speed, ttft_margin=ttft_margin) if policy == "prism" else FcfsPolicy()
     return chosen.order(list(queues), 0, NOW).models[0].name
 
 
@@ -137,3 +137,15 @@ def test_late_requests_do_not_starve_under_sustained_overload():
     assert finished_at is not None, "the late request starved"
     max_wait_s = scheduler.policy.max_wait_s
     assert old.arrival_s + max_wait_s <= finished_at <= old.arrival_s + max_wait_s + 2.0
+
+
+def test_the_ttft_margin_starts_a_prefill_early_instead_of_just_in_time():
+    """Regression (H100 replay): prefills started at deadline minus predicted time missed on any jitter."""
+    decoder, prefiller = make_queue("decoder", tpot_slo_s=0.2), make_queue("prefiller")
+    prefiller.ttft_slo_s = 1.0
+    decoder.running.append(decoding("d", "decoder", last_token_s=NOW - 0.1))  # next token due NOW+0.1
+    seq = make_seq("p", model="prefiller", num_prompt=100, arrival_s=NOW)
+    seq.ttft_deadline_s = NOW + 1.0  # 0.1 s of prefill: just in time it could start at NOW+0.9
+    prefiller.waiting.append(seq)
+    assert first_model(decoder, prefiller, ttft_margin=0.0) == "decoder"
+    assert first_model(decoder, prefiller, ttft_margin=0.9) == "prefiller"  # must start by NOW+0.0: before the decode
