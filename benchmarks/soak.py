@@ -24,6 +24,7 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
+LOST: list[dict] = []  # what each lost request was, for the report
 sys.path.insert(0, str(ROOT))
 
 from tests.controller.server_process import start_server, stop_server, wait_until  # noqa: E402
@@ -63,15 +64,16 @@ async def one_request(client: httpx.AsyncClient, url: str, models: list[str], rn
                         stats["completed"] += 1
                         return
                 stats["lost"] += 1  # the stream ended without [DONE]
+                LOST.append({"model": model, "stream": True, "error": "stream ended without [DONE]", "at": time.strftime("%H:%M:%S")})
         else:
             response = await client.post(url + path, json=body)
             stats[f"status_{response.status_code}"] += 1
             stats["completed" if response.status_code == 200 else "answered_error"] += 1
-    except httpx.TimeoutException:
-        stats["lost"] += 1
-    except httpx.HTTPError as exc:
+    except httpx.HTTPError as exc:  # a timeout (no answer in 120 s) or a broken connection: lost
         stats[f"transport_{type(exc).__name__}"] += 1
         stats["lost"] += 1
+        LOST.append({"model": model, "chat": chat, "stream": stream, "abandon": abandon, "body": {k: v for k, v in body.items() if k not in ("messages", "prompt")},
+                     "error": f"{type(exc).__name__}: {exc}", "at": time.strftime("%H:%M:%S")})
 
 
 async def run_clients(url: str, models: list[str], clients: int, duration_s: float, seed: int) -> Counter:
@@ -137,6 +139,8 @@ def main() -> None:
         "rss_mib": {"start": start_rss, "end": end_rss},
         "pool_at_end": {"kv_pages": pool["kv_pages_by_model"], "pages_mapped": pool["pages_mapped"]},
         "worker_restarts_during_soak": 0 if same_worker else 1,
+        "lost_details": LOST,
+        "server_warnings": [line.strip() for line in server.output if " WARNING " in line or " ERROR " in line][-50:],
         "pass": server_errors + stats["stream_errors"] == 0 and stats["lost"] == 0 and not pool["kv_pages_by_model"] and same_worker,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
