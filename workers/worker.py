@@ -145,6 +145,12 @@ class Worker:
             return
         self._trim_idle_models()
         self.pool.replenish_reserve()
+        self._send_state()
+
+    def _send_state(self) -> None:
+        """Report the models' and the pool's state. Also sent just before every reply to an activation or
+        eviction: messages arrive in order, so the controller never sees a model state change before the
+        memory that goes with it (its device view would lag by up to a heartbeat interval)."""
         self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps))
 
     def _trim_idle_models(self) -> None:
@@ -169,10 +175,12 @@ class Worker:
                 engine = self.engines[spec.name] = Engine(spec, self.device, self.pool, self.store)
             times = engine.activate()
         except NotEnoughMemory as exc:
+            self._send_state()
             self._send(m.ModelActivated(spec.name, str(exc), "no_memory", weight_bytes=engine.weight_bytes if engine else 0))
             return
         except Exception as exc:  # any load failure is reported; the controller fails the model's requests
             logger.error("activating %s failed:\n%s", spec.name, traceback.format_exc())
+            self._send_state()
             self._send(m.ModelActivated(spec.name, f"{type(exc).__name__}: {exc}", "failed"))
             return
         self.scheduler.add_model(
@@ -191,6 +199,7 @@ class Worker:
             "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
             spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,
         )
+        self._send_state()
         self._send(self._activated(engine))
 
     @staticmethod
@@ -204,10 +213,12 @@ class Worker:
     def _on_evict(self, message: m.Evict) -> None:
         started = time.perf_counter()
         failed = self._evict(message.name, f"the model was evicted ({message.reason})" if message.reason else "the model was evicted")
+        self._send_state()
         self._send(m.ModelEvicted(message.name, time.perf_counter() - started, failed))
 
     def _on_forget(self, message: m.Forget) -> None:
         self._forget(message.name)
+        self._send_state()
         self._send(m.ModelEvicted(message.name, 0.0, 0))
 
     def _evict(self, name: str, error: str) -> int:
