@@ -50,16 +50,14 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: 
 
 
 def _decode_batched(q: torch.Tensor, kv_cache: torch.Tensor, layer: int, batch: ForwardBatch, scale: float) -> torch.Tensor:
-    """One query per sequence: pad the contexts to the longest and attend in one call."""
-    max_ctx = max(batch.context_lens)
-    num_seqs = len(batch.query_lens)
-    keys = q.new_zeros(num_seqs, max_ctx, kv_cache.shape[-2], kv_cache.shape[-1])
-    values = torch.zeros_like(keys)
-    for i, (ctx_len, table) in enumerate(zip(batch.context_lens, batch.block_tables)):
-        keys[i, :ctx_len], values[i, :ctx_len] = gather_kv(kv_cache, layer, table, ctx_len)
-    lens = torch.tensor(batch.context_lens, device=q.device)
-    mask = (torch.arange(max_ctx, device=q.device).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
+    """One query per sequence: every context gathered in one indexing call, padded and masked to the longest."""
+    tables, mask = batch.padded_context
+    num_seqs, max_ctx = tables.shape[0], mask.shape[-1]
+    blocks = kv_cache[tables, layer]  # [S, max_blocks, 2, block_size, kv_heads, head_dim]
+    keys = blocks[:, :, 0].flatten(1, 2)[:, :max_ctx]  # [S, max_ctx, kv_heads, head_dim]
+    values = blocks[:, :, 1].flatten(1, 2)[:, :max_ctx]
+    # Masked slots hold other tokens' (finite) K/V: their softmax weight is exactly 0.
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale, enable_gqa=True
-    )  # [B, heads, 1, d]
+    )  # [S, heads, 1, d]
     return o.squeeze(2)

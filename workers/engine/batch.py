@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -39,6 +40,17 @@ class ForwardBatch:
     @property
     def is_decode_only(self) -> bool:
         return self.decode_only
+
+    @cached_property
+    def padded_context(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables padded to one width ([S, max_blocks] int64; padding repeats a row's first block)
+        and the mask of real context tokens ([S, 1, 1, max_context_len] bool), built once per step."""
+        width = max(int(t.shape[0]) for t in self.block_tables)
+        tables = torch.stack([torch.cat([t, t[:1].expand(width - t.shape[0])]) for t in self.block_tables])
+        max_ctx = max(self.context_lens)
+        lens = torch.tensor(self.context_lens, device=tables.device)
+        mask = torch.arange(max_ctx, device=tables.device).unsqueeze(0) < lens.unsqueeze(1)
+        return tables, mask[:, None, None, :]
 
 
 def build_batch(
