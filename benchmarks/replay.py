@@ -158,7 +158,10 @@ async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, 
             ok = [r for r in results if r.error is None and r.ttft_s is not None]
             if not ok:
                 raise RuntimeError(f"calibration of {model} failed: {results[0].error}")
-            slos[model] = {"ttft_p95_s": p95([r.ttft_s for r in ok]), "tpot_p95_s": p95([r.tpot_s for r in ok if r.tpot_s])}
+            slos[model] = {
+                "ttft_p95_s": p95([r.ttft_s for r in ok]), "tpot_p95_s": p95([r.tpot_s for r in ok if r.tpot_s]),
+                "samples": [{"prompt_len": m.prompt_len, "ttft_s": r.ttft_s} for m, r in zip(mine, results) if r in ok],
+            }
     return slos
 
 

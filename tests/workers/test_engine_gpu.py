@@ -6,6 +6,8 @@ Run on the device machine: `pytest -m gpu tests/workers/test_engine_gpu.py`.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,34 @@ def test_kv_cache_lives_in_pool_pages_and_returns_them():
     runner.generate([[1] * 600] * 4, SamplingParams(temperature=0.0, max_tokens=8))
     runner.engine.kv.trim(0)
     assert pool.snapshot().kv_pages.get("dummy", 0) <= mapped_idle
+
+
+PREFILL_VARIANTS_AFTER_WARM_UP = """
+import json, sys
+from tests.workers.test_engine_gpu import cuda_pool, dummy_spec, shape_config
+from workers.engine import triton_attention
+from workers.messages import SamplingParams
+from workers.offline import OfflineRunner
+
+def variants():
+    return sum(len(c[0]) for c in triton_attention._prefill_kernel.device_caches.values())
+
+runner = OfflineRunner(dummy_spec(shape_config("llama-3.2-1b", num_hidden_layers=2), "bfloat16"), "cuda:0", cuda_pool(2 * 1024**3))
+warmed = variants()
+params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+for prompts in ([[7] * 4], [[7] * 300], [[7] * 499], [[7] * 5, [7] * 499], [[7] * 1021]):
+    runner.generate(prompts, params)
+print(json.dumps({"after_warm_up": warmed, "after_requests": variants()}))
+"""
+
+
+def test_activation_compiles_every_prefill_variant_a_request_can_need():
+    """Block tables 1, 3-15 and 16+ blocks wide, alone or batched: no request pays a kernel compile."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(  # a fresh process: the variants compiled by other tests are not there
+        [sys.executable, "-c", PREFILL_VARIANTS_AFTER_WARM_UP], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["after_warm_up"] > 0
+    assert counts["after_requests"] == counts["after_warm_up"], counts

@@ -216,8 +216,14 @@ class Engine:
 
     @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
-        """Compile the prefill kernels' variants (Triton specialises on shapes) before the first request does."""
-        lengths = (1, 16, 33, 130)  # divisible by 16 or not, one block or several
+        """Compile the prefill kernels' variants before the first request does (a cold compile costs ~1 s).
+
+        Triton specialises every integer argument on whether it is 1, a multiple of 16 or neither; in
+        prefill the one that follows the request is the block table's row stride (its width in blocks).
+        So: chunks one, three and sixteen blocks wide, alone and batched, and a one-token chunk.
+        """
+        lengths = (1, 2, 2 * self.block_size + 1, 16 * self.block_size)
+        lengths = tuple(n for n in lengths if n <= self.spec.max_model_len)
         blocks = self.kv.allocate(sum(-(-n // self.block_size) for n in lengths))
         if blocks is None:
             return
@@ -226,11 +232,12 @@ class Engine:
             count = -(-n // self.block_size)
             tables.append(blocks[start : start + count])
             start += count
+        batches = [[i] for i in range(len(lengths))] + [list(range(len(lengths)))]
         try:
-            for chunk_lengths in ((lengths[0],), lengths):
+            for members in batches:
                 batch = build_batch(
-                    [[1] * n for n in chunk_lengths], [0] * len(chunk_lengths), tables[: len(chunk_lengths)],
-                    [True] * len(chunk_lengths), self.block_size, self.device, with_device_meta=True,
+                    [[1] * lengths[i] for i in members], [0] * len(members), [tables[i] for i in members],
+                    [True] * len(members), self.block_size, self.device, with_device_meta=True,
                 )
                 self.model.logits(self.model.forward(batch, self.kv_cache))
             torch.cuda.synchronize(self.device)
