@@ -12,7 +12,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from controller.registry import ModelConfig, Registry
+from pydantic import ValidationError
+
+from controller.registry import ModelConfig, Registry, SamplingDefaults
 from controller.tokenizer import ModelTokenizer
 from workers.messages import ModelSpec
 from workers.weights.arch import Arch, UnsupportedModel
@@ -34,6 +36,7 @@ class CatalogEntry:
     eos_token_ids: list[int]
     max_model_len: int
     arch: Arch
+    sampling: SamplingDefaults  # the registry's, over the model's generation_config.json
 
     @property
     def name(self) -> str:
@@ -127,7 +130,25 @@ def _entry(config: ModelConfig, weights: dict[str, Path | None], cache_dir: Path
         eos_token_ids=_eos_ids(hf_config, tokenizer, weights_dir),
         max_model_len=max_len,
         arch=arch,
+        sampling=sampling_defaults(config, weights_dir),
     )
+
+
+GENERATION_CONFIG_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults(config: ModelConfig, weights_dir: Path | None) -> SamplingDefaults:
+    """The registry's `sampling` fields, then the model's generation_config.json for the ones it leaves
+    unset (as vLLM does; `do_sample` is not consulted). An unusable generation config is logged and ignored."""
+    from_model: dict = {}
+    path = weights_dir / "generation_config.json" if weights_dir else None
+    if path is not None and path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            from_model = SamplingDefaults(**{ours: raw[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if raw.get(theirs) is not None}).model_dump(exclude_none=True)
+        except (OSError, ValueError, TypeError, ValidationError) as exc:
+            logger.warning("model %r: ignoring %s: %s", config.name, path, str(exc).splitlines()[0])
+    return SamplingDefaults(**{**from_model, **config.sampling.model_dump(exclude_none=True)})
 
 
 def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None], arch: Arch, cache_dir: Path) -> Path:

@@ -107,6 +107,18 @@ class SLOConfig(_Strict):
     """Time-per-output-token objective, seconds."""
 
 
+class SamplingDefaults(_Strict):
+    """What a request that leaves a field out gets (vLLM's generation-config defaults); unset fields fall
+    back to the model's generation_config.json, then to OpenAI's (temperature 1, top_p 1, no top_k,
+    max_tokens up to the context length)."""
+
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    """0: off."""
+    max_tokens: int | None = Field(None, ge=1)
+
+
 class PypiGguf(_Strict):
     """A GGUF file inside a wheel on PyPI, pinned by the wheel's sha256."""
 
@@ -139,6 +151,8 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight and KV dtype; `auto` is float32 on the CPU and bfloat16 on GPUs."""
     slo: SLOConfig = SLOConfig()
+    sampling: SamplingDefaults = SamplingDefaults()
+    """Defaults for requests that leave sampling fields out."""
     pinned: bool = False
     """Never evicted."""
     priority: int = 0

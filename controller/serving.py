@@ -92,6 +92,11 @@ class ChatFormat:
         return {"id": gen.req_id, "object": "chat.completion", "created": gen.created, "model": gen.entry.name, "choices": [choice], "usage": usage}
 
 
+def _first_set(*values):
+    """The request's value, else the model's default, else the API's."""
+    return next(v for v in values if v is not None)
+
+
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -144,8 +149,9 @@ class OpenAIServing:
             raise InvalidRequest(f"the prompt has {num_prompt} tokens; this server accepts at most {limit}",
                                  param="messages" if prefix == "chatcmpl" else "prompt")
         room = entry.max_model_len - num_prompt
+        defaults = entry.sampling
         if max_tokens is None:
-            max_tokens = room
+            max_tokens = room if defaults.max_tokens is None else min(room, defaults.max_tokens)
         if room <= 0 or max_tokens > room:
             raise ContextLengthExceeded(
                 f"this model's maximum context length is {entry.max_model_len} tokens; the request has "
@@ -158,9 +164,9 @@ class OpenAIServing:
         if any(t >= entry.arch.vocab_size for t in stop_ids):
             raise InvalidRequest(f"stop_token_ids must be below the vocabulary size {entry.arch.vocab_size}", param="stop_token_ids")
         sampling = SamplingParams(
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=max(0, request.top_k or 0),
+            temperature=_first_set(request.temperature, defaults.temperature, 1.0),
+            top_p=_first_set(request.top_p, defaults.top_p, 1.0),
+            top_k=max(0, _first_set(request.top_k, defaults.top_k, 0)),
             seed=request.seed,
             max_tokens=max_tokens,
             min_tokens=request.min_tokens,

@@ -35,6 +35,14 @@ def test_chat_answers_with_the_real_model(client, prepared_smollm2):
     assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
 
 
+def test_the_readme_call_without_sampling_fields_gets_the_registrys_greedy_default(client):
+    greedy = client.chat.completions.create(model=SMOL, messages=QUESTION, temperature=0).choices[0].message.content
+    defaults = [client.chat.completions.create(model=SMOL, messages=QUESTION).choices[0].message.content for _ in range(3)]
+    assert defaults == [greedy] * 3 and "Paris" in greedy
+    sampled = client.chat.completions.create(model=SMOL, messages=QUESTION, temperature=1.0, seed=3, max_tokens=12)
+    assert sampled.choices[0].message.content != greedy  # a request's own temperature still wins
+
+
 def test_completion_with_text_and_with_token_ids_agree(client, prepared_smollm2):
     tokenizer = AutoTokenizer.from_pretrained(prepared_smollm2)
     text = "The three primary colors are"

@@ -25,6 +25,8 @@ def test_the_embedded_demo_registry_is_valid():
     assert registry.devices == ["cpu"]
     tiny = registry.model("tiny-llama-random")
     assert tiny.config.is_file() and tiny.load_format == "dummy"  # relative path resolved next to the file
+    smollm2 = registry.model("smollm2-135m-instruct")
+    assert smollm2.sampling.temperature == 0  # greedy by default, as transformers' generate for it
 
 
 def problems(tmp_path, text: str) -> str:
@@ -53,6 +55,16 @@ def test_bad_value_names_the_field(tmp_path):
             slo: {{ttft_s: -1}}
     """)
     assert "model 'm1': field 'slo.ttft_s'" in message and "greater than 0" in message
+
+
+def test_bad_sampling_default_names_the_field(tmp_path):
+    message = problems(tmp_path, f"""
+        models:
+          - name: m1
+            pypi_gguf: {{wheel: a==1, sha256: "{SHA}", member: x.gguf}}
+            sampling: {{temperature: 3}}
+    """)
+    assert "model 'm1': field 'sampling.temperature'" in message and "less than or equal to 2" in message
 
 
 def test_missing_model_path_is_reported(tmp_path):
