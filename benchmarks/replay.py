@@ -155,12 +155,12 @@ async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, 
             for length in (16, 37, 100, 300):  # activation, and kernels compiled for several prompt shapes
                 await send(client, url, model, TraceRequest(0, 0, length, 4), rng, timeout_s)
             results = [await send(client, url, model, TraceRequest(0, 0, r.prompt_len, min(r.output_len, 128)), rng, timeout_s) for r in mine]
-            ok = [r for r in results if r.error is None and r.ttft_s is not None]
-            if not ok:
+            measured = [(m, r) for m, r in zip(mine, results) if r.error is None and r.ttft_s is not None]
+            if not measured:
                 raise RuntimeError(f"calibration of {model} failed: {results[0].error}")
             slos[model] = {
-                "ttft_p95_s": p95([r.ttft_s for r in ok]), "tpot_p95_s": p95([r.tpot_s for r in ok if r.tpot_s]),
-                "samples": [{"prompt_len": m.prompt_len, "ttft_s": r.ttft_s} for m, r in zip(mine, results) if r in ok],
+                "ttft_p95_s": p95([r.ttft_s for _, r in measured]), "tpot_p95_s": p95([r.tpot_s for _, r in measured if r.tpot_s]),
+                "samples": [{"prompt_len": m.prompt_len, "ttft_s": r.ttft_s} for m, r in measured],
             }
     return slos
 
@@ -212,15 +212,16 @@ def _pct(values: list[float], q: float) -> float | None:
 # --- driving servers ---------------------------------------------------------------------------------
 
 
-def start_policy_server(config: Path, policy: str, workdir: Path, slos: dict | None, slo_scale: float):
-    """A server of the registry with `policy`; the measured SLOs written in, so the scheduler knows them."""
+def policy_registry(config: Path, policy: str, slos: dict | None, slo_scale: float, gpu_memory_utilization: float | None = None) -> dict:
+    """The registry `config` with `policy`, the measured SLOs written in (so the scheduler knows them) and,
+    when given, another share of the GPU for the pool (to replay a smaller card's memory on a larger one)."""
     import yaml
-
-    from tests.controller.server_process import start_server
 
     registry = yaml.safe_load(config.read_text())
     registry.setdefault("scheduler", {})["policy"] = policy
     registry.setdefault("server", {})["admin_token_env"] = "PRISM_REPLAY_ADMIN_TOKEN"
+    if gpu_memory_utilization is not None:
+        registry.setdefault("memory", {})["gpu_memory_utilization"] = gpu_memory_utilization
     for model in registry["models"]:
         if slos and model["name"] in slos:
             p95 = slos[model["name"]]
@@ -229,6 +230,14 @@ def start_policy_server(config: Path, policy: str, workdir: Path, slos: dict | N
         for key in ("path", "gguf", "config", "tokenizer"):
             if key in model and not Path(str(model[key])).is_absolute() and (config.parent / str(model[key])).exists():
                 model[key] = str((config.parent / str(model[key])).resolve())
+    return registry
+
+
+def start_policy_server(registry: dict, policy: str, workdir: Path):
+    import yaml
+
+    from tests.controller.server_process import start_server
+
     path = workdir / f"registry-{policy}.yaml"
     path.write_text(yaml.safe_dump(registry))
     return start_server(path, env={"PRISM_REPLAY_ADMIN_TOKEN": ADMIN_TOKEN}, ready_timeout_s=900)
@@ -297,6 +306,7 @@ def main() -> None:
     target.add_argument("--url", help="a running server")
     target.add_argument("--config", type=Path, help="registry to start servers from (one per policy)")
     parser.add_argument("--policies", nargs="+", default=["prism"], help="with --config: scheduler policies to compare")
+    parser.add_argument("--gpu-memory-utilization", type=float, help="with --config: override the registry's share of each GPU")
     parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
     parser.add_argument("--models", nargs="+", help="model names (default: the registry's, in order)")
     parser.add_argument("--streams", type=int, nargs="*", default=None, help="Arena streams mapped to --models in order")
@@ -333,7 +343,8 @@ def main() -> None:
         from tests.controller.server_process import stop_server
 
         if slos is None:  # measured once, every model alone, on a prism server without SLOs of ours
-            server = start_policy_server(args.config, "prism", args.out.parent, None, args.slo_scale)
+            registry = policy_registry(args.config, "prism", None, args.slo_scale, args.gpu_memory_utilization)
+            server = start_policy_server(registry, "prism", args.out.parent)
             try:
                 slos = asyncio.run(calibrate(server.base_url, args.models, jobs, args.calibrate, args.timeout))
             finally:
@@ -341,7 +352,8 @@ def main() -> None:
         result["dedicated_p95"] = slos
         for policy in args.policies:
             print(f"policy {policy}: starting the server", flush=True)
-            server = start_policy_server(args.config, policy, args.out.parent, slos, args.slo_scale)
+            registry = policy_registry(args.config, policy, slos, args.slo_scale, args.gpu_memory_utilization)
+            server = start_policy_server(registry, policy, args.out.parent)
             try:
                 result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True)
             finally:

@@ -145,7 +145,8 @@ def sampling_defaults(config: ModelConfig, weights_dir: Path | None) -> Sampling
     if path is not None and path.is_file():
         try:
             raw = json.loads(path.read_text())
-            from_model = SamplingDefaults(**{ours: raw[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if raw.get(theirs) is not None}).model_dump(exclude_none=True)
+            fields = {ours: raw[theirs] for theirs, ours in GENERATION_CONFIG_FIELDS.items() if raw.get(theirs) is not None}
+            from_model = SamplingDefaults(**fields).model_dump(exclude_none=True)
         except (OSError, ValueError, TypeError, ValidationError) as exc:
             logger.warning("model %r: ignoring %s: %s", config.name, path, str(exc).splitlines()[0])
     return SamplingDefaults(**{**from_model, **config.sampling.model_dump(exclude_none=True)})

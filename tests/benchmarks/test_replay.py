@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, summarize
+from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, policy_registry, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +55,17 @@ def test_summary_counts_attainment_per_model_and_overall():
     assert summary["overall"]["attainment"] == 0.25 and summary["overall"]["goodput_rps"] == 0.5
 
 
+def test_policy_registry_writes_policy_slos_memory_share_and_absolute_paths():
+    config = ROOT / "configs" / "prism-8models.yaml"
+    slos = {"llama-1b-1": {"ttft_p95_s": 0.02, "tpot_p95_s": 0.002}}
+    registry = policy_registry(config, "static", slos, slo_scale=5.0, gpu_memory_utilization=0.52)
+    assert registry["scheduler"]["policy"] == "static" and registry["memory"]["gpu_memory_utilization"] == 0.52
+    model = next(m for m in registry["models"] if m["name"] == "llama-1b-1")
+    assert model["slo"] == pytest.approx({"ttft_s": 0.1, "tpot_s": 0.01})
+    assert Path(model["config"]).is_absolute() and Path(model["config"]).is_file()
+    assert policy_registry(config, "prism", None, 5.0)["memory"]["gpu_memory_utilization"] == 0.92  # the file's own
+
+
 def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     out = tmp_path / "replay.json"
     command = [
@@ -69,3 +80,4 @@ def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     assert set(point["per_model"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert all(0.0 <= m["attainment"] <= 1.0 for m in point["per_model"].values())
     assert set(result["dedicated_p95"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
+    assert all(len(p95["samples"]) == 2 and all(s["ttft_s"] > 0 for s in p95["samples"]) for p95 in result["dedicated_p95"].values())

@@ -18,7 +18,7 @@ from controller.serving import OpenAIServing
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny-llama.json"
 
 
-def dummy_model(tmp_path: Path, **sampling) -> ModelConfig:
+def dummy_model(**sampling) -> ModelConfig:
     return ModelConfig(name="m", load_format="dummy", config=TINY_CONFIG, sampling=sampling)
 
 
@@ -26,19 +26,19 @@ def test_registry_fields_override_the_generation_config_field_by_field(tmp_path)
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 300}
     ))
-    merged = sampling_defaults(dummy_model(tmp_path, top_p=0.5), tmp_path)
+    merged = sampling_defaults(dummy_model(top_p=0.5), tmp_path)
     assert (merged.temperature, merged.top_p, merged.top_k, merged.max_tokens) == (0.6, 0.5, 20, 300)
 
 
 def test_an_unusable_generation_config_is_ignored(tmp_path, caplog):
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 9.0, "top_p": 0.8}))
-    merged = sampling_defaults(dummy_model(tmp_path, top_k=5), tmp_path)
+    merged = sampling_defaults(dummy_model(top_k=5), tmp_path)
     assert (merged.temperature, merged.top_p, merged.top_k) == (None, None, 5)
     assert "generation_config.json" in caplog.text
 
 
 def test_without_either_the_openai_defaults_apply(tmp_path):
-    merged = sampling_defaults(dummy_model(tmp_path), None)
+    merged = sampling_defaults(dummy_model(), None)
     assert merged.model_dump(exclude_none=True) == {}
 
 

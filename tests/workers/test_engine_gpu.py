@@ -179,7 +179,7 @@ from workers.engine import triton_attention
 from workers.messages import SamplingParams
 from workers.offline import OfflineRunner
 
-def variants():
+def variants():  # Triton 3.x keeps each compiled specialisation in JITFunction.device_caches
     return sum(len(c[0]) for c in triton_attention._prefill_kernel.device_caches.values())
 
 runner = OfflineRunner(dummy_spec(shape_config("llama-3.2-1b", num_hidden_layers=2), "bfloat16"), "cuda:0", cuda_pool(2 * 1024**3))
