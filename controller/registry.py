@@ -85,6 +85,8 @@ class SchedulerConfig(_Strict):
     """`swap` baseline: resident models per device."""
     swap_keep_alive_s: float = Field(300.0, gt=0)
     """`swap` baseline: unload a model idle this long."""
+    overlap_steps: bool = True
+    """Workers prepare and launch one model's step while another model's step runs on the device."""
 
 
 class MemoryConfig(_Strict):

@@ -81,6 +81,7 @@ class Server:
             "--store-prefix", self.store_prefix,
             "--local-policy", local_policy,
             "--log-format", self.log_format,
+            *([] if self.registry.scheduler.overlap_steps else ["--no-overlap"]),
         ]
 
     async def start(self) -> None:

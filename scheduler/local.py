@@ -98,8 +98,7 @@ class LocalScheduler:
         self.policy: LocalPolicy = make_local_policy(pick_model, self.prefill_speed)
         self.num_steps = 0
         self._by_req_id: dict[str, Sequence] = {}
-        self._last_plan: StepPlan | None = None
-        self._last_plan_s = 0.0
+        self._in_flight: dict[str, tuple[StepPlan, float]] = {}  # model -> its planned step, when planned
 
     # --- models and requests ----------------------------------------------------------------------
 
@@ -111,6 +110,7 @@ class LocalScheduler:
     def remove_model(self, name: str) -> list[Sequence]:
         """Stop scheduling a model; return its unfinished sequences (blocks freed) for the caller to fail."""
         queue = self.queues.pop(name)
+        self._in_flight.pop(name, None)
         orphans = list(queue.running) + list(queue.waiting)
         for seq in orphans:
             self._release(queue, seq)
@@ -140,7 +140,11 @@ class LocalScheduler:
         return seq
 
     def has_work(self) -> bool:
-        return any(q.has_work for q in self.queues.values())
+        return bool(self._in_flight) or any(q.has_work for q in self.queues.values())
+
+    def in_flight(self, model: str) -> bool:
+        """True between `schedule` returning a plan for `model` and `update` of that plan."""
+        return model in self._in_flight
 
     def num_unfinished(self, model: str | None = None) -> int:
         queues = [self.queues[model]] if model else self.queues.values()
@@ -149,20 +153,30 @@ class LocalScheduler:
     # --- one step ---------------------------------------------------------------------------------
 
     def schedule(self, now: float | None = None) -> StepPlan | None:
-        """Plan the next step, or None when no model has work that can run now."""
+        """Plan the next step, or None when no model has work that can run now.
+
+        A model whose last plan has not been `update`d yet (its step is still running) is skipped: its
+        next step needs that step's tokens. Other models can be planned meanwhile, so a worker may run
+        one model's step while it prepares another's.
+        """
         now = self.clock() if now is None else now
         order = self.policy.order(list(self.queues.values()), self.num_steps, now)
         for queue in order.models:
+            if queue.name in self._in_flight:
+                continue
             plan = self._plan_model(queue, order.admission.get(queue.name, []), now)
             if plan.chunks or plan.rejected:
                 return self._started(queue, plan, now)
         plan = self._break_memory_deadlock(now)
         return None if plan is None else self._started(self.queues[plan.model], plan, now)
 
-    def update(self, plan: StepPlan, sampled: dict[str, int], now: float | None = None) -> list[Sequence]:
-        """Apply a step's results: advance computed tokens, append sampled ones; return finished sequences."""
+    def update(self, plan: StepPlan, sampled: dict[str, int], now: float | None = None, device_s: float | None = None) -> list[Sequence]:
+        """Apply a step's results: advance computed tokens, append sampled ones; return finished sequences.
+
+        `device_s`: the step's own time on the device, if measured (else the time since it was planned)."""
         now = self.clock() if now is None else now
-        self._observe_speed(plan, now)
+        _, planned_s = self._in_flight.pop(plan.model, (plan, now))
+        self._observe_speed(plan, device_s if device_s is not None else now - planned_s)
         queue = self.queues[plan.model]
         finished = []
         for chunk in plan.chunks:
@@ -256,7 +270,11 @@ class LocalScheduler:
         self._by_req_id.pop(seq.req_id, None)
 
     def _break_memory_deadlock(self, now: float) -> StepPlan | None:
-        """No model could run: memory is held by other models' stalled sequences. Preempt the policy's victim."""
+        """No model could run: memory is held by other models' stalled sequences. Preempt the policy's victim.
+
+        Not while a step is running: it may finish sequences and free their memory."""
+        if self._in_flight:
+            return None
         stalled = [seq for q in self.queues.values() for seq in q.running]
         if not stalled:
             return None
@@ -267,19 +285,18 @@ class LocalScheduler:
     def _started(self, queue: ModelQueue, plan: StepPlan, now: float) -> StepPlan:
         queue.last_step = self.num_steps
         self.num_steps += 1
-        self._last_plan, self._last_plan_s = plan, now
+        self._in_flight[queue.name] = (plan, now)
         return plan
 
-    def _observe_speed(self, plan: StepPlan, now: float) -> None:
-        """Learn prefill speed from the step just run: its prefill tokens over the time since it was planned.
+    def _observe_speed(self, plan: StepPlan, elapsed_s: float) -> None:
+        """Learn prefill speed from the step just run: its prefill tokens over its device time (else the
+        time since it was planned).
 
         Decodes batched into the same step make the estimate slightly pessimistic, which errs on the side
         of starting prefills early.
         """
-        if plan is not self._last_plan:
-            return
         num_prefill = sum(c.num_new_tokens for c in plan.chunks if c.start < c.seq.num_prompt_tokens)
-        self.prefill_speed.observe(plan.model, num_prefill, now - self._last_plan_s)
+        self.prefill_speed.observe(plan.model, num_prefill, elapsed_s)
 
 
 class _Batch:

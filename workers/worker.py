@@ -1,8 +1,9 @@
 """The worker: one process per device, hosting the engines of every model resident on that device.
 
-One loop: drain the inbox (typed messages from the controller) -> the local scheduler plans a step ->
-that model's engine runs it -> token deltas go back to the controller in one message per step. Heartbeats
-carry the pool's and the models' state. Whatever goes wrong with one request (bad input, an engine error)
+One loop: drain the inbox (typed messages from the controller) -> the step loop launches the step the
+local scheduler plans and finishes the one before it (`step_loop.py`: one model's step runs on the GPU
+while the next model's is prepared) -> token deltas go back to the controller in one message per step.
+Heartbeats carry the pool's and the models' state. Whatever goes wrong with one request (bad input, an engine error)
 finishes that request with an error delta; the worker itself keeps serving.
 """
 
@@ -18,10 +19,11 @@ import zmq
 
 from memory import PagePool
 from memory.host_store import HostWeightStore
-from scheduler.local import LocalScheduler, ModelQueue, StepPlan
+from scheduler.local import LocalScheduler, ModelQueue
 from scheduler.sequence import Sequence
 from workers import messages as m
 from workers.engine.engine import Engine, NotEnoughMemory
+from workers.step_loop import StepLoop, StepOutcome
 
 logger = logging.getLogger("prism.worker")
 
@@ -48,7 +50,7 @@ def make_pool(device: str, budget_bytes: int, page_bytes: int, gpu_memory_utiliz
 
 class Worker:
     def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, store: HostWeightStore,
-                 parent_pid: int | None = None, local_policy: str = "prism"):
+                 parent_pid: int | None = None, local_policy: str = "prism", overlap: bool = True):
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.pool = pool
@@ -56,6 +58,7 @@ class Worker:
         self.parent_pid = parent_pid
         self.scheduler = LocalScheduler(local_policy)
         self.engines: dict[str, Engine] = {}
+        self.steps = StepLoop(self.scheduler, self.engines, overlap)
         self.stopping = False
         self._last_heartbeat = 0.0
         self._context = zmq.Context()
@@ -82,6 +85,7 @@ class Worker:
                 self._step()
                 self._heartbeat_if_due()
         finally:
+            self._finish_running_step()
             for engine in self.engines.values():
                 engine.close()
             self.store.drop_all()
@@ -97,42 +101,34 @@ class Worker:
             except zmq.Again:
                 return
             message = m.decode_to_worker(data)
+            if not isinstance(message, m.Generate):  # may free or unmap memory a running step uses
+                self._finish_running_step()
             self._handlers[type(message)](message)
 
     def _step(self) -> None:
-        plan = self.scheduler.schedule()
-        if plan is None:
-            return
-        try:
-            sampled = self.engines[plan.model].execute(plan)
-        except Exception:  # an engine bug must fail this step's requests, not the worker
-            req_ids = ",".join(c.seq.req_id for c in plan.chunks)
-            logger.error("step of %s failed:\n%s", plan.model, traceback.format_exc(), extra={"req_id": req_ids, "model": plan.model})
-            self._fail_plan(plan, "internal engine error (see the worker log)")
-            return
-        finished = self.scheduler.update(plan, sampled)
-        self._publish(plan, sampled, finished)
+        for outcome in self.steps.advance():
+            self._publish(outcome)
 
-    def _publish(self, plan: StepPlan, sampled: dict[str, int], finished: list[Sequence]) -> None:
-        engine = self.engines[plan.model]
-        reasons = {seq.req_id: seq.finish_reason for seq in finished}
-        deltas = [m.TokenDelta(req_id, [token], reasons.get(req_id)) for req_id, token in sampled.items()]
+    def _finish_running_step(self) -> None:
+        for outcome in self.steps.drain():
+            self._publish(outcome)
+
+    def _publish(self, outcome: StepOutcome) -> None:
+        plan, engine = outcome.plan, self.engines[outcome.plan.model]
+        reasons = {seq.req_id: seq.finish_reason for seq in outcome.finished}
+        deltas = [m.TokenDelta(req_id, [token], reasons.get(req_id)) for req_id, token in outcome.sampled.items()]
         deltas += [
             m.TokenDelta(seq.req_id, [], "error", "the prompt does not fit this model's KV cache", "invalid_request")
             for seq in plan.rejected
         ]
-        for req_id in reasons:
+        deltas += [
+            m.TokenDelta(seq.req_id, [], "error", "internal engine error (see the worker log)", "internal")
+            for seq in outcome.failed
+        ]
+        for req_id in [*reasons, *(seq.req_id for seq in outcome.failed)]:
             engine.release(req_id)
         if deltas:
             self._send(m.StepOutputs(deltas))
-
-    def _fail_plan(self, plan: StepPlan, error: str) -> None:
-        deltas = []
-        for chunk in plan.chunks:
-            if self.scheduler.abort(chunk.seq.req_id) is not None:
-                self.engines[plan.model].release(chunk.seq.req_id)
-                deltas.append(m.TokenDelta(chunk.seq.req_id, [], "error", error, "internal"))
-        self._send(m.StepOutputs(deltas))
 
     def _heartbeat_if_due(self) -> None:
         now = time.monotonic()
@@ -143,6 +139,7 @@ class Worker:
             logger.warning("controller (pid %d) is gone; worker exits", self.parent_pid)
             self.stopping = True
             return
+        self._finish_running_step()  # trimming unmaps pages: not under a running kernel
         self._trim_idle_models()
         self.pool.replenish_reserve()
         self._send_state()

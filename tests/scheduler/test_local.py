@@ -177,3 +177,52 @@ def test_default_scheduler_keeps_the_worker_api():
     assert scheduler.policy.name == "prism" and scheduler.schedule() is None and scheduler.num_steps == 0
     with pytest.raises(ValueError, match="unknown local scheduling policy"):
         LocalScheduler("lottery")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_model_with_a_step_in_flight_is_skipped_until_its_update(policy):
+    """The worker launches one model's step and plans the next while it runs: never the same model's."""
+    a, b = make_queue("a"), make_queue("b")
+    scheduler = make_scheduler(a, b, policy=policy)
+    scheduler.add(make_seq("a-1", model="a", max_tokens=3))
+    scheduler.add(make_seq("b-1", model="b", max_tokens=3, arrival_s=1001.0))
+
+    first = scheduler.schedule()
+    second = scheduler.schedule()
+    assert {first.model, second.model} == {"a", "b"}
+    assert scheduler.in_flight("a") and scheduler.in_flight("b")
+    assert scheduler.schedule() is None  # both models' next steps need tokens not sampled yet
+    assert scheduler.has_work()
+
+    scheduler.update(first, {c.seq.req_id: 7 for c in first.chunks if c.samples})
+    assert not scheduler.in_flight(first.model)
+    third = scheduler.schedule()
+    assert third.model == first.model and [c.num_new_tokens for c in third.chunks] == [1]  # its decode, now
+
+
+def test_memory_deadlock_is_not_broken_while_a_step_may_still_free_memory():
+    pool = SharedPool(num_blocks=5)
+    a, b = make_queue("a"), make_queue("b")
+    a.allocator, b.allocator = pool.allocator(), pool.allocator()
+    scheduler = make_scheduler(a, b)
+    scheduler.add(make_seq("a-1", model="a", num_prompt=64, max_tokens=1))  # 4 of the 5 blocks
+    scheduler.add(make_seq("b-1", model="b", num_prompt=64, max_tokens=1, arrival_s=1001.0))
+    plan = scheduler.schedule()
+    assert plan.model == "a" and pool.num_free == 1
+
+    assert scheduler.schedule() is None  # b cannot be backed, and a's step may finish a-1
+    assert plan.preempted == [] and a.running  # nobody was preempted to make room
+    finished = scheduler.update(plan, {"a-1": 5})
+    assert [s.req_id for s in finished] == ["a-1"] and pool.num_free == 5
+    assert scheduler.schedule().model == "b"
+
+
+def test_prefill_speed_is_learned_from_the_steps_device_time_when_given():
+    clock = FakeClock(50.0)
+    queue = make_queue(max_num_batched_tokens=1024)
+    scheduler = make_scheduler(queue, clock=clock, tokens_per_s=1000.0)
+    scheduler.add(make_seq("a", num_prompt=800, arrival_s=50.0))
+    plan = scheduler.schedule()
+    clock.advance(0.5)  # waited behind another model's step: the wall clock overstates this step
+    scheduler.update(plan, {"a": 3}, device_s=0.1)  # 8000 tokens/s on the device
+    assert scheduler.prefill_speed.tokens_per_s("m") == pytest.approx(1000.0 + 0.2 * (8000.0 - 1000.0))

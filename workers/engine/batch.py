@@ -62,45 +62,77 @@ def build_batch(
     device: torch.device | str,
     with_device_meta: bool = False,
 ) -> ForwardBatch:
-    """Flatten per-sequence chunks (tokens from `start_positions[i]` on) into one ForwardBatch."""
+    """Flatten per-sequence chunks (tokens from `start_positions[i]` on) into one ForwardBatch.
+
+    With device metadata (the GPU path) every input travels in two host-to-device copies (one int64,
+    one int32 buffer) from pinned memory, queued behind the work already on the stream: building a batch
+    never waits for the device, so the worker can prepare one model's step while another's runs. (A
+    copy from pageable memory, as `torch.tensor(..., device="cuda")` makes, synchronises the stream.)
+    """
+    device = torch.device(device)
     token_ids: list[int] = []
     positions: list[int] = []
+    slot_blocks: list[int] = []
     query_starts, query_lens, context_lens, sample_indices = [], [], [], []
-    for chunk, start, sample in zip(token_chunks, start_positions, sample_mask):
+    for chunk, start, sample, table in zip(token_chunks, start_positions, sample_mask, block_tables):
         query_starts.append(len(token_ids))
         query_lens.append(len(chunk))
         context_lens.append(start + len(chunk))
         token_ids.extend(chunk)
-        positions.extend(range(start, start + len(chunk)))
+        span = range(start, start + len(chunk))
+        positions.extend(span)
+        slot_blocks.extend(table[p // block_size] for p in span)
         if sample:
             sample_indices.append(len(token_ids) - 1)
-    positions_t = torch.tensor(positions, dtype=torch.int64)
-    slot_blocks = []
-    for table, start, chunk in zip(block_tables, start_positions, token_chunks):
-        slot_blocks.extend(table[p // block_size] for p in range(start, start + len(chunk)))
+    offsets = [p % block_size for p in positions]
+    int64_fields = [token_ids, positions, slot_blocks, offsets, sample_indices]
     meta = None
     if with_device_meta:
         width = max(len(t) for t in block_tables)
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for row, table in enumerate(block_tables):
-            tables[row, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        padded = [block for table in block_tables for block in (*table, *([0] * (width - len(table))))]
+        tables, context_t, starts_t, lens_t = _upload([padded, context_lens, query_starts, query_lens], torch.int32, device)
         meta = DeviceMeta(
-            block_tables=tables.to(device, non_blocking=True),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(device, non_blocking=True),
-            query_starts=torch.tensor(query_starts, dtype=torch.int32).to(device, non_blocking=True),
-            query_lens=torch.tensor(query_lens, dtype=torch.int32).to(device, non_blocking=True),
+            block_tables=tables.view(len(block_tables), width),
+            context_lens=context_t,
+            query_starts=starts_t,
+            query_lens=lens_t,
             max_query_len=max(query_lens),
         )
+        int64_fields.append(padded)  # the torch attention path's per-sequence tables: views of one upload
+    token_t, position_t, slot_block_t, offset_t, sample_t, *rest = _upload(int64_fields, torch.int64, device)
+    if meta is not None:
+        padded_t = rest[0].view(len(block_tables), -1)
+        tables_t = [padded_t[row, : len(table)] for row, table in enumerate(block_tables)]
+    else:
+        tables_t = [torch.tensor(t, dtype=torch.int64, device=device) for t in block_tables]
     return ForwardBatch(
-        token_ids=torch.tensor(token_ids, dtype=torch.int64, device=device),
-        positions=positions_t.to(device),
-        slot_block_ids=torch.tensor(slot_blocks, dtype=torch.int64, device=device),
-        slot_offsets=(positions_t % block_size).to(device),
+        token_ids=token_t,
+        positions=position_t,
+        slot_block_ids=slot_block_t,
+        slot_offsets=offset_t,
         query_starts=query_starts,
         query_lens=query_lens,
         context_lens=context_lens,
-        block_tables=[torch.tensor(t, dtype=torch.int64, device=device) for t in block_tables],
-        sample_indices=torch.tensor(sample_indices, dtype=torch.int64, device=device),
+        block_tables=tables_t,
+        sample_indices=sample_t,
         decode_only=all(n == 1 for n in query_lens),
         device_meta=meta,
     )
+
+
+def _upload(fields: list[list[int]], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Integer lists as tensors on `device`: one buffer, one copy (from pinned memory, not waited for).
+
+    Every field starts on a 16-byte boundary: Triton specialises pointer arguments on 16-byte alignment,
+    so a misaligned view would compile (about a second) a kernel variant the warm-up did not cover.
+    """
+    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    sizes = [-(-len(field) // per_16_bytes) * per_16_bytes for field in fields]
+    flat: list[int] = []
+    for field, size in zip(fields, sizes):
+        flat += field
+        flat += [0] * (size - len(field))
+    host = torch.tensor(flat, dtype=dtype)
+    if device.type != "cpu":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return [chunk[: len(field)] for chunk, field in zip(host.split(sizes), fields)]

@@ -64,6 +64,52 @@ class ActivationTimes:
     total_s: float = 0.0
 
 
+class StepTimer:
+    """A step's device time: CUDA events around its kernels on a GPU, the wall clock on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._started = time.perf_counter()
+        self._elapsed_s: float | None = None
+
+    def stop(self) -> StepTimer:
+        if self._events is None:
+            self._elapsed_s = time.perf_counter() - self._started
+        else:
+            self._events[1].record()
+        return self
+
+    def wait(self) -> float:
+        """Block until the step's work is done; return its device seconds."""
+        if self._elapsed_s is None:
+            self._events[1].synchronize()
+            self._elapsed_s = self._events[0].elapsed_time(self._events[1]) / 1e3
+        return self._elapsed_s
+
+
+class PendingStep:
+    """A launched step: `result()` waits for its kernels and returns its sampled tokens by request id."""
+
+    def __init__(self, req_ids: list[str], tokens: torch.Tensor | None, timer: StepTimer):
+        self.req_ids = req_ids
+        self._tokens = tokens
+        self._timer = timer
+
+    def result(self) -> dict[str, int]:
+        self._timer.wait()
+        if self._tokens is None:
+            return {}
+        return dict(zip(self.req_ids, self._tokens.tolist()))
+
+    @property
+    def device_s(self) -> float:
+        """The step's time on the device (waits for it)."""
+        return self._timer.wait()
+
+
 class Engine:
     def __init__(self, spec: ModelSpec, device: torch.device, pool: PagePool, store: HostWeightStore | None = None):
         self.spec = spec
@@ -246,22 +292,29 @@ class Engine:
 
     # --- steps ------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[str, int]:
-        """Run one step; return the sampled token of every sequence whose chunk reached its end."""
+        """Run one step and wait for it; return the sampled token of every sequence whose chunk reached its end."""
+        return self.launch(plan).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> PendingStep:
+        """Queue one step's kernels (forward, logits, sampling, the tokens' copy home) without waiting for them."""
         assert self.active, f"{self.spec.name} is not active"
-        if not plan.chunks:
-            return {}
-        logits = self._logits(plan.chunks)
+        timer = StepTimer(self.device)
         sampling = [c.seq for c in plan.chunks if c.samples]
+        if not plan.chunks:
+            return PendingStep([], None, timer.stop())
+        logits = self._logits(plan.chunks)
         if not sampling:
-            return {}
+            return PendingStep([], None, timer.stop())
         banned = [
             sorted(s.eos_token_ids | s.stop_token_ids) if s.num_output_tokens < s.min_tokens else []
             for s in sampling
         ]
         tokens = self.sampler.sample(logits, [s.req_id for s in sampling], [s.sampling for s in sampling], banned)
-        return {s.req_id: t for s, t in zip(sampling, tokens)}
+        if tokens.is_cuda:
+            tokens = tokens.to("cpu", non_blocking=True)  # into pinned memory; ready when the timer stops
+        return PendingStep([s.req_id for s in sampling], tokens, timer.stop())
 
     def _logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
         """Logits of the sampled rows: a CUDA graph replay for decode batches, else an eager forward."""

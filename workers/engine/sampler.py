@@ -30,19 +30,23 @@ class Sampler:
         req_ids: list[str],
         params: list[SamplingParams],
         banned_token_ids: list[list[int]],
-    ) -> list[int]:
-        """One token per row of `logits` [S, vocab] (float32); `banned_token_ids[i]` are masked out."""
-        for row, banned in enumerate(banned_token_ids):
-            if banned:
-                logits[row, banned] = float("-inf")
-        if all(p.greedy for p in params):
-            return logits.argmax(dim=-1).tolist()
-        tokens = []
+    ) -> torch.Tensor:
+        """One token per row of `logits` [S, vocab] (float32), as an int64 tensor on the logits' device.
+
+        `banned_token_ids[i]` are masked out of row i. Nothing here waits for the device: the caller
+        reads the tokens back when it needs them (the worker, once the step is done).
+        """
+        rows = [row for row, banned in enumerate(banned_token_ids) for _ in banned]
+        if rows:
+            columns = [token for banned in banned_token_ids for token in banned]
+            index = torch.tensor([rows, columns])
+            if logits.is_cuda:  # from pinned memory, not waited for (a pageable copy syncs the stream)
+                index = index.pin_memory().to(logits.device, non_blocking=True)
+            logits[index[0], index[1]] = float("-inf")
+        tokens = logits.argmax(dim=-1)
         for row, (req_id, p) in enumerate(zip(req_ids, params)):
-            if p.greedy:
-                tokens.append(int(logits[row].argmax()))
-            else:
-                tokens.append(self._sample_row(logits[row], p, self._generator(req_id, p)))
+            if not p.greedy:
+                tokens[row] = self._sample_row(logits[row], p, self._generator(req_id, p))
         return tokens
 
     def _generator(self, req_id: str, params: SamplingParams) -> torch.Generator:
@@ -55,7 +59,7 @@ class Sampler:
         return generator
 
     @staticmethod
-    def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
         logits = logits / params.temperature
         if 0 < params.top_k < logits.shape[-1]:
             kth = torch.topk(logits, params.top_k).values[-1]
@@ -67,4 +71,4 @@ class Sampler:
             drop = probs.cumsum(-1) - probs >= params.top_p
             logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
         probs = logits.softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return torch.multinomial(probs, 1, generator=generator)[0]
