@@ -212,13 +212,15 @@ def _pct(values: list[float], q: float) -> float | None:
 # --- driving servers ---------------------------------------------------------------------------------
 
 
-def policy_registry(config: Path, policy: str, slos: dict | None, slo_scale: float, gpu_memory_utilization: float | None = None) -> dict:
+def policy_registry(config: Path, policy: str, slos: dict | None, slo_scale: float, gpu_memory_utilization: float | None = None,
+                    overlap_steps: bool = True) -> dict:
     """The registry `config` with `policy`, the measured SLOs written in (so the scheduler knows them) and,
     when given, another share of the GPU for the pool (to replay a smaller card's memory on a larger one)."""
     import yaml
 
     registry = yaml.safe_load(config.read_text())
     registry.setdefault("scheduler", {})["policy"] = policy
+    registry["scheduler"]["overlap_steps"] = overlap_steps
     registry.setdefault("server", {})["admin_token_env"] = "PRISM_REPLAY_ADMIN_TOKEN"
     if gpu_memory_utilization is not None:
         registry.setdefault("memory", {})["gpu_memory_utilization"] = gpu_memory_utilization
@@ -287,15 +289,19 @@ def plot(result: dict, out: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ttft, goodput) = plt.subplots(1, 2, figsize=(11, 4))
     for policy, points in result["policies"].items():
-        ax.plot([p["rate_scale"] for p in points], [p["overall"]["ttft_attainment"] for p in points], marker="o", label=policy)
-    ax.axhline(0.99, color="grey", linestyle=":")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("rate scale")
-    ax.set_ylabel("TTFT SLO attainment")
-    ax.set_title(result.get("card", ""))
-    ax.legend()
+        scales = [p["rate_scale"] for p in points]
+        ttft.plot(scales, [p["overall"]["ttft_attainment"] for p in points], marker="o", label=policy)
+        goodput.plot(scales, [p["overall"]["goodput_rps"] for p in points], marker="o", label=policy)
+    ttft.axhline(0.99, color="grey", linestyle=":")
+    ttft.set_ylabel("TTFT SLO attainment")
+    goodput.set_ylabel("goodput (req/s meeting TTFT and TPOT SLOs)")
+    for ax in (ttft, goodput):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("rate scale")
+        ax.legend()
+    fig.suptitle(result.get("card", ""))
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
 
@@ -307,6 +313,8 @@ def main() -> None:
     target.add_argument("--config", type=Path, help="registry to start servers from (one per policy)")
     parser.add_argument("--policies", nargs="+", default=["prism"], help="with --config: scheduler policies to compare")
     parser.add_argument("--gpu-memory-utilization", type=float, help="with --config: override the registry's share of each GPU")
+    parser.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
+                        help="with --config: workers finish each step before planning the next (scheduler.overlap_steps: false)")
     parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
     parser.add_argument("--models", nargs="+", help="model names (default: the registry's, in order)")
     parser.add_argument("--streams", type=int, nargs="*", default=None, help="Arena streams mapped to --models in order")
@@ -333,7 +341,7 @@ def main() -> None:
     slos = json.loads(args.slos.read_text()) if args.slos else None
     result = {"benchmark": "replay", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
               "card": args.card or _card(), "trace": args.trace.name, "models": args.models, "streams": args.streams,
-              "slo_scale": args.slo_scale, "duration_s": args.duration, "policies": {}}
+              "slo_scale": args.slo_scale, "duration_s": args.duration, "overlap_steps": args.overlap_steps, "policies": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.url:
         slos = slos or asyncio.run(calibrate(args.url, args.models, jobs, args.calibrate, args.timeout))
@@ -352,7 +360,7 @@ def main() -> None:
         result["dedicated_p95"] = slos
         for policy in args.policies:
             print(f"policy {policy}: starting the server", flush=True)
-            registry = policy_registry(args.config, policy, slos, args.slo_scale, args.gpu_memory_utilization)
+            registry = policy_registry(args.config, policy, slos, args.slo_scale, args.gpu_memory_utilization, args.overlap_steps)
             server = start_policy_server(registry, policy, args.out.parent)
             try:
                 result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True)

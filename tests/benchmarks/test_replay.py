@@ -64,6 +64,12 @@ def test_policy_registry_writes_policy_slos_memory_share_and_absolute_paths():
     assert model["slo"] == pytest.approx({"ttft_s": 0.1, "tpot_s": 0.01})
     assert Path(model["config"]).is_absolute() and Path(model["config"]).is_file()
     assert policy_registry(config, "prism", None, 5.0)["memory"]["gpu_memory_utilization"] == 0.92  # the file's own
+    assert registry["scheduler"]["overlap_steps"] is True
+    serial = policy_registry(config, "prism", None, 5.0, overlap_steps=False)
+    assert serial["scheduler"]["overlap_steps"] is False
+    from controller.registry import Registry
+
+    assert Registry.model_validate(serial).scheduler.overlap_steps is False  # a field the registry knows
 
 
 def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
