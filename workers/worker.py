@@ -3,8 +3,8 @@
 One loop: drain the inbox (typed messages from the controller) -> the step loop launches the step the
 local scheduler plans and finishes the one before it (`step_loop.py`: one model's step runs on the GPU
 while the next model's is prepared) -> token deltas go back to the controller in one message per step.
-Heartbeats carry the pool's and the models' state. Whatever goes wrong with one request (bad input, an engine error)
-finishes that request with an error delta; the worker itself keeps serving.
+Heartbeats carry the pool's and the models' state. Whatever goes wrong with one request (bad input, an
+engine error) finishes that request with an error delta; the worker itself keeps serving.
 """
 
 from __future__ import annotations
