@@ -30,11 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from memory import PagePool  # noqa: E402
 from memory.cuda_backend import CudaBackend  # noqa: E402
-from scheduler.local import LocalScheduler, ModelQueue  # noqa: E402
+from scheduler.local import LocalScheduler  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.messages import ModelSpec, SamplingParams  # noqa: E402
-from workers.step_loop import StepLoop  # noqa: E402
+from workers.step_loop import StepLoop, model_queue  # noqa: E402
 
 PRISM_MIX = ["llama-3.1-8b"] * 3 + ["llama-3.2-3b"] + ["llama-3.2-1b"] * 4
 
@@ -69,9 +69,8 @@ def workload(engines: dict[str, Engine], requests: int, seed: int) -> list[tuple
 
 def run(engines: dict[str, Engine], jobs, overlap: bool) -> dict:
     scheduler = LocalScheduler("prism")
-    for name, engine in engines.items():
-        spec = engine.spec
-        scheduler.add_model(ModelQueue(name, engine.allocator, spec.block_size, spec.max_num_seqs, spec.max_num_batched_tokens))
+    for engine in engines.values():
+        scheduler.add_model(model_queue(engine))
     loop = StepLoop(scheduler, engines, overlap)
     torch.cuda.synchronize()
     started = time.perf_counter()

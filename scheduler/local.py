@@ -98,7 +98,7 @@ class LocalScheduler:
         self.policy: LocalPolicy = make_local_policy(pick_model, self.prefill_speed)
         self.num_steps = 0
         self._by_req_id: dict[str, Sequence] = {}
-        self._in_flight: dict[str, tuple[StepPlan, float]] = {}  # model -> its planned step, when planned
+        self._in_flight: dict[str, float] = {}  # model whose step is running -> when it was planned
 
     # --- models and requests ----------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ class LocalScheduler:
 
         `device_s`: the step's own time on the device, if measured (else the time since it was planned)."""
         now = self.clock() if now is None else now
-        _, planned_s = self._in_flight.pop(plan.model, (plan, now))
+        planned_s = self._in_flight.pop(plan.model, now)
         self._observe_speed(plan, device_s if device_s is not None else now - planned_s)
         queue = self.queues[plan.model]
         finished = []
@@ -285,7 +285,7 @@ class LocalScheduler:
     def _started(self, queue: ModelQueue, plan: StepPlan, now: float) -> StepPlan:
         queue.last_step = self.num_steps
         self.num_steps += 1
-        self._in_flight[queue.name] = (plan, now)
+        self._in_flight[queue.name] = now
         return plan
 
     def _observe_speed(self, plan: StepPlan, elapsed_s: float) -> None:

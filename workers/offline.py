@@ -13,10 +13,11 @@ import torch
 
 from memory import PagePool
 from memory.host_store import HostWeightStore
-from scheduler.local import LocalScheduler, ModelQueue
+from scheduler.local import LocalScheduler
 from scheduler.sequence import Sequence
 from workers.engine.engine import Engine
 from workers.messages import ModelSpec, SamplingParams
+from workers.step_loop import model_queue
 
 
 class OfflineRunner:
@@ -25,15 +26,7 @@ class OfflineRunner:
         self.engine = Engine(spec, torch.device(device), pool, store)
         self.engine.activate()
         self.scheduler = LocalScheduler()
-        self.scheduler.add_model(
-            ModelQueue(
-                name=spec.name,
-                allocator=self.engine.kv,
-                block_size=spec.block_size,
-                max_num_seqs=spec.max_num_seqs,
-                max_num_batched_tokens=spec.max_num_batched_tokens,
-            )
-        )
+        self.scheduler.add_model(model_queue(self.engine))
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_sequences: list[Sequence] = []

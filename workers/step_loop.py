@@ -19,11 +19,26 @@ import logging
 import traceback
 from dataclasses import dataclass, field
 
-from scheduler.local import LocalScheduler, StepPlan
+from scheduler.local import LocalScheduler, ModelQueue, StepPlan
 from scheduler.sequence import Sequence
 from workers.engine.engine import Engine, PendingStep
 
 logger = logging.getLogger("prism.worker")
+
+
+def model_queue(engine: Engine) -> ModelQueue:
+    """The local scheduler's queue for an active engine's model: its limits, SLOs and KV allocator."""
+    spec = engine.spec
+    return ModelQueue(
+        name=spec.name,
+        allocator=engine.allocator,
+        block_size=spec.block_size,
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_num_batched_tokens,
+        ttft_slo_s=spec.ttft_slo_s,
+        tpot_slo_s=spec.tpot_slo_s,
+        priority=spec.priority,
+    )
 
 
 @dataclass
@@ -34,7 +49,6 @@ class StepOutcome:
     sampled: dict[str, int] = field(default_factory=dict)
     finished: list[Sequence] = field(default_factory=list)
     failed: list[Sequence] = field(default_factory=list)  # aborted because the engine raised
-    device_s: float = 0.0  # the step's time on the device
 
 
 @dataclass
@@ -51,10 +65,6 @@ class StepLoop:
         self._in_flight: _Launched | None = None
         self.num_steps = 0
         self.num_overlapped = 0  # steps launched while another was still running
-
-    @property
-    def busy(self) -> bool:
-        return self._in_flight is not None
 
     def advance(self) -> list[StepOutcome]:
         """Launch the next step if one can run, then finish the one launched before (if any)."""
@@ -82,7 +92,7 @@ class StepLoop:
             device_s = launched.pending.device_s
         except Exception:
             return [self._fail(plan)]
-        return [StepOutcome(plan, sampled, self.scheduler.update(plan, sampled, device_s=device_s), device_s=device_s)]
+        return [StepOutcome(plan, sampled, self.scheduler.update(plan, sampled, device_s=device_s))]
 
     def _launch(self, plan: StepPlan) -> tuple[_Launched | None, StepOutcome | None]:
         try:

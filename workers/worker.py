@@ -19,11 +19,11 @@ import zmq
 
 from memory import PagePool
 from memory.host_store import HostWeightStore
-from scheduler.local import LocalScheduler, ModelQueue
+from scheduler.local import LocalScheduler
 from scheduler.sequence import Sequence
 from workers import messages as m
 from workers.engine.engine import Engine, NotEnoughMemory
-from workers.step_loop import StepLoop, StepOutcome
+from workers.step_loop import StepLoop, StepOutcome, model_queue
 
 logger = logging.getLogger("prism.worker")
 
@@ -180,18 +180,7 @@ class Worker:
             self._send_state()
             self._send(m.ModelActivated(spec.name, f"{type(exc).__name__}: {exc}", "failed"))
             return
-        self.scheduler.add_model(
-            ModelQueue(
-                name=spec.name,
-                allocator=engine.allocator,
-                block_size=spec.block_size,
-                max_num_seqs=spec.max_num_seqs,
-                max_num_batched_tokens=spec.max_num_batched_tokens,
-                ttft_slo_s=spec.ttft_slo_s,
-                tpot_slo_s=spec.tpot_slo_s,
-                priority=spec.priority,
-            )
-        )
+        self.scheduler.add_model(model_queue(engine))
         logger.info(
             "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
             spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,

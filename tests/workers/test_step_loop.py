@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from scheduler.local import LocalScheduler, ModelQueue
+from scheduler.local import LocalScheduler
 from scheduler.sequence import Sequence
 from tests.factories import make_pool, make_spec, make_tiny_checkpoint
 from workers.engine.engine import Engine
 from workers.messages import ModelSpec, SamplingParams
-from workers.step_loop import StepLoop
+from workers.step_loop import StepLoop, model_queue
 
 SHAPES = Path(__file__).resolve().parents[2] / "configs" / "shapes"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
@@ -28,12 +28,9 @@ class Device:
     def __init__(self, specs: list[ModelSpec], device: str, pool, overlap: bool):
         self.engines = {spec.name: Engine(spec, torch.device(device), pool) for spec in specs}
         self.scheduler = LocalScheduler("prism")
-        for spec in specs:
-            engine = self.engines[spec.name]
+        for engine in self.engines.values():
             engine.activate()
-            self.scheduler.add_model(
-                ModelQueue(spec.name, engine.allocator, spec.block_size, spec.max_num_seqs, spec.max_num_batched_tokens)
-            )
+            self.scheduler.add_model(model_queue(engine))
         self.loop = StepLoop(self.scheduler, self.engines, overlap)
 
     def generate(self, requests: dict[str, tuple[str, list[int]]], params: SamplingParams = GREEDY) -> dict[str, list[int] | None]:

@@ -126,7 +126,7 @@ def _upload(fields: list[list[int]], dtype: torch.dtype, device: torch.device) -
     Every field starts on a 16-byte boundary: Triton specialises pointer arguments on 16-byte alignment,
     so a misaligned view would compile (about a second) a kernel variant the warm-up did not cover.
     """
-    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    per_16_bytes = 16 // dtype.itemsize
     sizes = [-(-len(field) // per_16_bytes) * per_16_bytes for field in fields]
     flat: list[int] = []
     for field, size in zip(fields, sizes):

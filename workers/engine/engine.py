@@ -301,10 +301,10 @@ class Engine:
         """Queue one step's kernels (forward, logits, sampling, the tokens' copy home) without waiting for them."""
         assert self.active, f"{self.spec.name} is not active"
         timer = StepTimer(self.device)
-        sampling = [c.seq for c in plan.chunks if c.samples]
         if not plan.chunks:
             return PendingStep([], None, timer.stop())
         logits = self._logits(plan.chunks)
+        sampling = [c.seq for c in plan.chunks if c.samples]
         if not sampling:
             return PendingStep([], None, timer.stop())
         banned = [
