@@ -257,22 +257,37 @@ def lifecycle_counts(base_url: str) -> dict:
     return counts
 
 
+def device_busy_s(base_url: str) -> dict[str, float]:
+    """Device seconds of the workers' steps so far, per device (`/metrics`, as of their last heartbeat)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    return {
+        sample.labels["device"]: sample.value
+        for family in text_string_to_metric_families(text) if family.name == "prism:device_busy_seconds"
+        for sample in family.samples if sample.name.endswith("_total")
+    }
+
+
 def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list[dict]:
     if args.warmup > 0:  # not measured: first-use costs (kernel variants, allocator growth) for every policy alike
         asyncio.run(replay(url, jobs, args.rate_scales[0], args.warmup, args.timeout, args.seed + 1))
     points = []
     for scale in args.rate_scales:
         before = lifecycle_counts(url) if events else {}
+        busy_before = device_busy_s(url)
         started = time.perf_counter()
         results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
         wall = time.perf_counter() - started
         summary = summarize(results, slos, args.slo_scale, wall)
         after = lifecycle_counts(url) if events else {}
         lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
-        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, **summary})
+        # Share of the point's wall time each device spent in steps (heartbeats: +-1 s of device time).
+        busy = {d: round((s - busy_before.get(d, 0.0)) / wall, 3) for d, s in device_busy_s(url).items()}
+        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
-              f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s", flush=True)
+              f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}", flush=True)
     return points
 
 

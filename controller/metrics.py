@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -84,6 +84,7 @@ class _StateCollector:
         pages = GaugeMetricFamily("prism:pool_pages", "Pool pages of a device by kind (weights, kv, free, reserved).", labels=["device", "kind"])
         model_pages = GaugeMetricFamily("prism:pool_model_pages", "Pool pages mapped per model and kind.", labels=["device", "model_name", "kind"])
         pending = GaugeMetricFamily("prism:num_requests_in_flight", "Requests accepted by the controller and not finished.", labels=["model_name"])
+        busy = CounterMetricFamily("prism:device_busy_seconds", "Device time of the worker's steps (its rate: how busy the device is).", labels=["device"])
         for device, beat, in_flight in self.source():
             for model, count in in_flight.items():
                 pending.add_metric([model], count)
@@ -93,6 +94,7 @@ class _StateCollector:
                 running.add_metric([stats.name], stats.num_running)
                 waiting.add_metric([stats.name], stats.num_waiting)
                 kv_usage.add_metric([stats.name], stats.num_kv_blocks_used / max(1, stats.num_kv_blocks_total))
+            busy.add_metric([device], beat.device_busy_s)
             pool = beat.pool
             weights = sum(pool.weight_pages_by_model.values())
             kv = sum(pool.kv_pages_by_model.values())
@@ -102,4 +104,4 @@ class _StateCollector:
                 model_pages.add_metric([device, model, "kv"], count)
             for model, count in pool.weight_pages_by_model.items():
                 model_pages.add_metric([device, model, "weights"], count)
-        yield from (running, waiting, kv_usage, pages, model_pages, pending)
+        yield from (running, waiting, kv_usage, pages, model_pages, pending, busy)

@@ -27,7 +27,7 @@ Policies return decisions as data (`StepOrder`, a victim); `LocalScheduler` carr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from scheduler.prefill_order import PrefillSpeed, moore_hodgson
@@ -44,6 +44,7 @@ PickModel = Callable[[list["ModelQueue"], int], list["ModelQueue"]]
 class StepOrder:
     models: list[ModelQueue]  # models to try, in order; the first with a runnable batch steps
     admission: dict[str, list[Sequence]]  # per model: its waiting sequences in admission order
+    urgency: dict[str, ModelUrgency] = field(default_factory=dict)  # per model with work (deadline policies only)
 
 
 class LocalPolicy(Protocol):
@@ -89,6 +90,7 @@ class ModelUrgency:
     start_by_s: float  # latest start of its most urgent savable work; inf if it has none
     best_effort: Sequence | None  # its first best-effort prefill (late or without deadline), if any
     best_effort_step_s: float  # predicted time of one step of that prefill
+    waiting_start_by_s: float  # the same over its waiting sequences only: what a running step of it does not serve
 
 
 class PrismPolicy:
@@ -104,46 +106,80 @@ class PrismPolicy:
         self.ttft_margin = ttft_margin
 
     def order(self, queues: list[ModelQueue], step: int, now: float) -> StepOrder:
-        # Predicted prefill seconds of every sequence that awaits its first token, computed once a step.
-        prefill_s: dict[Sequence, float] = {}
+        # One pass over every queued sequence a step: this runs before every step, with hundreds queued
+        # under load, so it reads fields directly instead of through properties.
+        prefill_s: dict[Sequence, float] = {}  # predicted prefill seconds of those awaiting their first token
+        decodes_start_by: dict[str, tuple[float, float]] = {}  # model -> (running decodes, preempted ones)
         for queue in queues:
-            tokens_per_s = self.speed.tokens_per_s(queue.name)
-            for seq in (*queue.running, *queue.waiting):
-                if seq.awaits_first_token:
-                    prefill_s[seq] = seq.num_uncomputed_tokens / tokens_per_s
-        ordering = moore_hodgson(prefill_s, now, lambda s: s.ttft_deadline_s, prefill_s.__getitem__)
+            per_token_s = 1.0 / self.speed.tokens_per_s(queue.name)
+            oldest_last = math.inf  # the running decodes' oldest last token
+            for seq in queue.running:
+                if seq.output_token_ids:
+                    last = now if seq.last_token_s is None else seq.last_token_s
+                    if last < oldest_last:
+                        oldest_last = last
+                else:
+                    prefill_s[seq] = (len(seq.prompt_token_ids) - seq.num_computed_tokens) * per_token_s
+            preempted_start_by = math.inf
+            for seq in queue.waiting:
+                uncomputed_s = (seq.num_tokens - seq.num_computed_tokens) * per_token_s
+                if seq.output_token_ids:  # a preempted decode: recomputed before its next token
+                    last = now if seq.last_token_s is None else seq.last_token_s
+                    preempted_start_by = min(preempted_start_by, last + queue.tpot_slo_s - uncomputed_s)
+                else:
+                    prefill_s[seq] = uncomputed_s
+            decodes_start_by[queue.name] = (oldest_last + queue.tpot_slo_s, preempted_start_by)
+        ordering = moore_hodgson(prefill_s, now, _ttft_deadline, prefill_s.__getitem__)
         late = set(ordering.late)
-        starving = sorted((s for s in prefill_s if self._starving(s, now)), key=lambda s: s.arrival_s)
-        admission: dict[str, list[Sequence]] = {q.name: [s for s in q.waiting if not s.awaits_first_token] for q in queues}
-        for seq in [*starving, *(s for s in ordering.order if not self._starving(s, now))]:
+        oldest_start = now - self.max_wait_s  # arrived at or before this: starving
+        starving = sorted((s for s in prefill_s if s.arrival_s <= oldest_start), key=lambda s: s.arrival_s)
+        admission: dict[str, list[Sequence]] = {q.name: [s for s in q.waiting if s.output_token_ids] for q in queues}
+        for seq in [*starving, *(s for s in ordering.order if s.arrival_s > oldest_start)]:
             if seq.status is SeqStatus.WAITING:
                 admission[seq.model].append(seq)
-        urgencies = [self.urgency(q, now, late, prefill_s) for q in queues if q.has_work]
-        return StepOrder(self._model_order(urgencies, now), admission)
+        by_model: dict[str, list[Sequence]] = {q.name: [] for q in queues}
+        for seq in prefill_s:
+            by_model[seq.model].append(seq)
+        urgencies = {
+            q.name: self.urgency(q, *decodes_start_by[q.name], by_model[q.name], now, late, prefill_s)
+            for q in queues if q.has_work
+        }
+        return StepOrder(self._model_order(list(urgencies.values()), now), admission, urgencies)
 
     def victim(self, candidates: list[Sequence], now: float) -> Sequence:
         return max(reversed(candidates), key=lambda s: (s.max_tokens - s.num_output_tokens, s.arrival_s))
 
-    def urgency(self, queue: ModelQueue, now: float, late: set[Sequence], prefill_s: dict[Sequence, float]) -> ModelUrgency:
-        """`prefill_s`: predicted prefill seconds of the sequences awaiting their first token."""
-        start_by = math.inf
+    def urgency(self, queue: ModelQueue, running_decodes_start_by_s: float, preempted_start_by_s: float,
+                prefills: list[Sequence], now: float, late: set[Sequence], prefill_s: dict[Sequence, float]) -> ModelUrgency:
+        """The latest starts of the model's running decodes and of its preempted ones (inf if none), its
+        sequences awaiting their first token (`prefills`) and their predicted prefill seconds."""
+        prefill_start_by = waiting_start_by = math.inf
         best_effort: Sequence | None = None
-        for seq in (*queue.running, *queue.waiting):
-            if not seq.awaits_first_token:  # decoding, or a preempted decode waiting to be recomputed
-                last = seq.last_token_s if seq.last_token_s is not None else now
-                recompute_s = self._prefill_s(seq) if seq.status is SeqStatus.WAITING else 0.0
-                start_by = min(start_by, last + queue.tpot_slo_s - recompute_s)
-            elif self._starving(seq, now):
-                start_by = min(start_by, seq.arrival_s + self.max_wait_s)
+        oldest_start = now - self.max_wait_s
+        margin_s = self.ttft_margin * queue.ttft_slo_s
+        for seq in prefills:
+            if seq.arrival_s <= oldest_start:  # starving
+                start_by = seq.arrival_s + self.max_wait_s
             elif seq in late or math.isinf(seq.ttft_deadline_s):
                 if best_effort is None or _deadline_key(seq) < _deadline_key(best_effort):
                     best_effort = seq
+                continue
             else:
-                start_by = min(start_by, seq.ttft_deadline_s - prefill_s[seq] - self.ttft_margin * queue.ttft_slo_s)
-        if best_effort is None:
-            return ModelUrgency(queue, start_by, None, 0.0)
-        step_tokens = max(1, min(best_effort.num_uncomputed_tokens, queue.max_num_batched_tokens))
-        return ModelUrgency(queue, start_by, best_effort, self.speed.predict_s(queue.name, step_tokens))
+                start_by = seq.ttft_deadline_s - prefill_s[seq] - margin_s
+            prefill_start_by = min(prefill_start_by, start_by)
+            if seq.status is SeqStatus.WAITING:
+                waiting_start_by = min(waiting_start_by, start_by)
+        step_s = 0.0
+        if best_effort is not None:
+            step_tokens = max(1, min(best_effort.num_uncomputed_tokens, queue.max_num_batched_tokens))
+            step_s = self.speed.predict_s(queue.name, step_tokens)
+        return ModelUrgency(
+            queue,
+            start_by_s=min(prefill_start_by, running_decodes_start_by_s, preempted_start_by_s),
+            best_effort=best_effort,
+            best_effort_step_s=step_s,
+            waiting_start_by_s=min(waiting_start_by, preempted_start_by_s),
+        )
 
     def _model_order(self, urgencies: list[ModelUrgency], now: float) -> list[ModelQueue]:
         savable = sorted(
@@ -165,11 +201,9 @@ class PrismPolicy:
         order += [u.queue for u in best_effort]
         return _unique(order)
 
-    def _starving(self, seq: Sequence, now: float) -> bool:
-        return now - seq.arrival_s >= self.max_wait_s
 
-    def _prefill_s(self, seq: Sequence) -> float:
-        return self.speed.predict_s(seq.model, seq.num_uncomputed_tokens)
+def _ttft_deadline(seq: Sequence) -> float:
+    return seq.ttft_deadline_s
 
 
 def _deadline_key(seq: Sequence) -> tuple[float, float]:

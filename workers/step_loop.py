@@ -65,6 +65,7 @@ class StepLoop:
         self._in_flight: _Launched | None = None
         self.num_steps = 0
         self.num_overlapped = 0  # steps launched while another was still running
+        self.device_busy_s = 0.0  # the finished steps' device time: over wall time, how busy the device is
 
     def advance(self) -> list[StepOutcome]:
         """Launch the next step if one can run, then finish the one launched before (if any)."""
@@ -92,6 +93,7 @@ class StepLoop:
             device_s = launched.pending.device_s
         except Exception:
             return [self._fail(plan)]
+        self.device_busy_s += device_s
         return [StepOutcome(plan, sampled, self.scheduler.update(plan, sampled, device_s=device_s))]
 
     def _launch(self, plan: StepPlan) -> tuple[_Launched | None, StepOutcome | None]:

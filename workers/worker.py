@@ -148,7 +148,8 @@ class Worker:
         """Report the models' and the pool's state. Also sent just before every reply to an activation or
         eviction: messages arrive in order, so the controller never sees a model state change before the
         memory that goes with it (its device view would lag by up to a heartbeat interval)."""
-        self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps))
+        self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps,
+                               self.steps.device_busy_s))
 
     def _trim_idle_models(self) -> None:
         """Give the empty KV pages of models with no work back to the pool (hysteresis is for bursts)."""

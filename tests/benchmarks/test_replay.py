@@ -83,6 +83,7 @@ def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     result = json.loads(out.read_text())
     point = result["policies"]["server"][0]
     assert point["overall"]["requests"] == 8 and point["overall"]["errors"] == 0  # trace times <= 6 s at scale 2
+    assert list(point["device_busy"]) == ["cpu"] and point["device_busy"]["cpu"] > 0  # from the workers' heartbeats
     assert set(point["per_model"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert all(0.0 <= m["attainment"] <= 1.0 for m in point["per_model"].values())
     assert set(result["dedicated_p95"]) == {"smollm2-135m-instruct", "tiny-llama-random"}

@@ -187,3 +187,4 @@ def test_metrics_count_activations_and_evictions(server):
     assert 'prism:model_activations_total{model_name="smol-a",outcome="ok"}' in text
     assert "prism:model_evictions_total" in text and "prism:model_activation_seconds_bucket" in text
     assert 'prism:pool_pages{device="cpu",kind="weights"}' in text
+    assert 'prism:device_busy_seconds_total{device="cpu"}' in text

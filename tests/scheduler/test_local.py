@@ -226,3 +226,56 @@ def test_prefill_speed_is_learned_from_the_steps_device_time_when_given():
     clock.advance(0.5)  # waited behind another model's step: the wall clock overstates this step
     scheduler.update(plan, {"a": 3}, device_s=0.1)  # 8000 tokens/s on the device
     assert scheduler.prefill_speed.tokens_per_s("m") == pytest.approx(1000.0 + 0.2 * (8000.0 - 1000.0))
+
+
+def _decoding_queue(scheduler, name: str, *, tpot_slo_s: float, fixed_step_s: float, now: float):
+    """A model with one running decode whose last token came `now`, and a learned fixed step time."""
+    queue = make_queue(name, tpot_slo_s=tpot_slo_s)
+    scheduler.add_model(queue)
+    seq = make_seq(f"{name}-1", model=name, max_tokens=100, arrival_s=now)
+    scheduler.add(seq)
+    seq.status, seq.num_computed_tokens, seq.output_token_ids = SeqStatus.RUNNING, 16, [5]
+    seq.first_token_s = seq.last_token_s = now
+    queue.waiting.remove(seq)
+    queue.running.append(seq)
+    scheduler.step_time.observe(name, 0, fixed_step_s)
+    return queue
+
+
+def test_a_step_is_queued_behind_the_running_one_only_if_it_fits_in_the_running_models_slack():
+    """Regression (H200 replay at overload): with steps overlapped, the most urgent model could never step
+    twice in a row; any other model's step, however long, went in between and made it late."""
+    clock = FakeClock(NOW := 1000.0)
+    scheduler = make_scheduler(clock=clock)
+    _decoding_queue(scheduler, "hot", tpot_slo_s=0.010, fixed_step_s=0.004, now=NOW)  # next token due by NOW+0.010
+    _decoding_queue(scheduler, "big", tpot_slo_s=1.0, fixed_step_s=0.020, now=NOW)
+    _decoding_queue(scheduler, "small", tpot_slo_s=1.0, fixed_step_s=0.002, now=NOW)
+
+    hot = scheduler.schedule()
+    assert hot.model == "hot"  # the nearest deadline
+    # hot's step ends at NOW+0.004, its next is due by NOW+0.014: small (2 ms) fits, big (20 ms) does not.
+    small = scheduler.schedule()
+    assert small.model == "small"
+    assert scheduler.schedule() is None  # big would push hot's next step to NOW+0.026: wait instead
+    scheduler.update(hot, {"hot-1": 5}, device_s=0.004)
+    scheduler.update(small, {"small-1": 5}, device_s=0.002)
+    clock.advance(0.006)
+    assert scheduler.schedule().model == "hot"  # stepped again, before big
+
+
+def test_a_model_due_before_the_running_one_is_queued_even_if_its_step_is_long():
+    clock = FakeClock(NOW := 1000.0)
+    scheduler = make_scheduler(clock=clock)
+    _decoding_queue(scheduler, "a", tpot_slo_s=0.010, fixed_step_s=0.004, now=NOW)
+    _decoding_queue(scheduler, "b", tpot_slo_s=0.012, fixed_step_s=0.020, now=NOW)  # due by NOW+0.012
+    assert scheduler.schedule().model == "a"
+    # a's next step is due by NOW+0.014, after b's own deadline: b goes now though it takes 20 ms.
+    assert scheduler.schedule().model == "b"
+
+
+def test_fcfs_queues_every_model_behind_the_running_step():
+    clock = FakeClock(NOW := 1000.0)
+    scheduler = make_scheduler(clock=clock, policy="fcfs")
+    _decoding_queue(scheduler, "hot", tpot_slo_s=0.010, fixed_step_s=0.004, now=NOW)
+    _decoding_queue(scheduler, "big", tpot_slo_s=1.0, fixed_step_s=0.020, now=NOW)
+    assert {scheduler.schedule().model, scheduler.schedule().model} == {"hot", "big"}

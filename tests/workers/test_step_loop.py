@@ -95,6 +95,7 @@ def test_without_overlap_every_step_is_finished_before_the_next_is_planned(tiny_
     device = Device(tiny_specs, "cpu", make_pool(), overlap=False)
     outputs = device.generate(mixed_requests([s.name for s in tiny_specs], vocab_size=512))
     assert device.loop.num_overlapped == 0 and device.loop.num_steps > 0
+    assert device.loop.device_busy_s > 0  # the steps' device time (wall time on the CPU), summed
     assert all(out is not None and len(out) == 12 for out in outputs.values())
     device.close()
 
