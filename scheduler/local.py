@@ -13,13 +13,8 @@ urgency across models, Moore-Hodgson over TTFT deadlines, longest-remaining-deco
 (round-robin, FIFO, newest victim). Deadlines need the current time: `schedule(now)` and `update(plan,
 sampled, now)` take it, defaulting to the injected `clock`. The clock must be the one `arrival_s` and
 `ttft_deadline_s` are stamped with: the controller stamps wall-clock `time.time()`, hence the default.
-`update` also learns each model's step time (`step_time.py`: a fixed part and the prefill speed, from
-the step's device time, else the time since it was planned) so that predictions follow the device.
-
-Steps may overlap (the worker queues one model's step while another's runs): a model whose step is in
-flight is not planned again until its `update`. With a deadline policy, another model's step is queued
-behind it only if it fits in the running model's slack (its next step can only start after it) or its
-own work is due first; otherwise `schedule` returns None and the caller waits for the running step.
+`update` also measures each step's prefill speed (time between `schedule` and `update`) so that
+predicted prefill times follow the device.
 
 Pure logic: no I/O, no torch; block allocation goes through the `KVAllocator` each model registers.
 """
@@ -31,10 +26,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from scheduler.local_policy import LocalPolicy, PickModel, StepOrder, make_local_policy, round_robin
+from scheduler.local_policy import LocalPolicy, PickModel, make_local_policy, round_robin
 from scheduler.prefill_order import PrefillSpeed
 from scheduler.sequence import Sequence, SeqStatus
-from scheduler.step_time import StepTime
 
 __all__ = ["KVAllocator", "LocalScheduler", "ModelQueue", "PickModel", "ScheduledChunk", "StepPlan", "round_robin"]
 
@@ -101,11 +95,10 @@ class LocalScheduler:
         self.queues: dict[str, ModelQueue] = {}
         self.clock = clock
         self.prefill_speed = prefill_speed if prefill_speed is not None else PrefillSpeed()
-        self.step_time = StepTime(self.prefill_speed)
         self.policy: LocalPolicy = make_local_policy(pick_model, self.prefill_speed)
         self.num_steps = 0
         self._by_req_id: dict[str, Sequence] = {}
-        self._in_flight: dict[str, _InFlight] = {}  # model whose step is running -> when planned, predicted end
+        self._in_flight: dict[str, float] = {}  # model whose step is running -> when it was planned
 
     # --- models and requests ----------------------------------------------------------------------
 
@@ -169,7 +162,7 @@ class LocalScheduler:
         now = self.clock() if now is None else now
         order = self.policy.order(list(self.queues.values()), self.num_steps, now)
         for queue in order.models:
-            if queue.name in self._in_flight or not self._fits_beside_running(queue, order, now):
+            if queue.name in self._in_flight:
                 continue
             plan = self._plan_model(queue, order.admission.get(queue.name, []), now)
             if plan.chunks or plan.rejected:
@@ -182,9 +175,8 @@ class LocalScheduler:
 
         `device_s`: the step's own time on the device, if measured (else the time since it was planned)."""
         now = self.clock() if now is None else now
-        running = self._in_flight.pop(plan.model, None)
-        planned_s = running.planned_s if running is not None else now
-        self._observe_step(plan, device_s if device_s is not None else now - planned_s)
+        planned_s = self._in_flight.pop(plan.model, now)
+        self._observe_speed(plan, device_s if device_s is not None else now - planned_s)
         queue = self.queues[plan.model]
         finished = []
         for chunk in plan.chunks:
@@ -290,71 +282,21 @@ class LocalScheduler:
         self._preempt(self.queues[victim.model], victim)
         return StepPlan(victim.model, [], [victim], [])
 
-    def _fits_beside_running(self, queue: ModelQueue, order: StepOrder, now: float) -> bool:
-        """Whether `queue`'s step may queue behind the steps on the device without making their models late.
-
-        A running model's next step can only start after this one, so this one must fit in that model's
-        slack, unless this model's own work is due first. Always true when nothing runs, and for policies
-        without deadlines (FCFS: plain alternation).
-        """
-        mine = order.urgency.get(queue.name)
-        step_s: float | None = None
-        for model, running in self._in_flight.items():
-            urgent = order.urgency.get(model)
-            if urgent is None or mine is None:
-                continue
-            running_queue = self.queues[model]
-            ends_s = max(now, running.ends_s)
-            next_due_s = urgent.waiting_start_by_s  # what its running step does not serve...
-            if running_queue.running:  # ...and its decodes' next token, one TPOT after this step
-                next_due_s = min(next_due_s, ends_s + running_queue.tpot_slo_s)
-            if mine.start_by_s <= next_due_s:
-                continue
-            step_s = self._predict_step_s(queue, order.admission.get(queue.name, [])) if step_s is None else step_s
-            if ends_s + step_s > next_due_s:
-                return False
-        return True
-
-    def _predict_step_s(self, queue: ModelQueue, admission: list[Sequence]) -> float:
-        """Predicted device time of `queue`'s next step before it is planned: its running sequences (a
-        token each, or the rest of their prompt), then the waiting ones it would admit, within its budget."""
-        budget = queue.max_num_batched_tokens
-        prefill_tokens = 0
-        for seq in queue.running:
-            if seq.output_token_ids:
-                budget -= 1
-            else:
-                prefill_tokens += len(seq.prompt_token_ids) - seq.num_computed_tokens
-        for seq in admission:
-            if prefill_tokens >= budget:
-                break
-            prefill_tokens += seq.num_tokens - seq.num_computed_tokens
-        return self.step_time.predict_s(queue.name, max(0, min(prefill_tokens, budget)))
-
     def _started(self, queue: ModelQueue, plan: StepPlan, now: float) -> StepPlan:
         queue.last_step = self.num_steps
         self.num_steps += 1
-        device_free_s = max([now, *(r.ends_s for r in self._in_flight.values())])
-        self._in_flight[queue.name] = _InFlight(now, device_free_s + self.step_time.predict_s(queue.name, _prefill_tokens(plan)))
+        self._in_flight[queue.name] = now
         return plan
 
-    def _observe_step(self, plan: StepPlan, elapsed_s: float) -> None:
-        """Learn step times from the step just run: its device time (else the time since it was planned).
+    def _observe_speed(self, plan: StepPlan, elapsed_s: float) -> None:
+        """Learn prefill speed from the step just run: its prefill tokens over its device time (else the
+        time since it was planned).
 
-        Decodes batched into the same step make the prefill speed slightly pessimistic, which errs on the
-        side of starting prefills early.
+        Decodes batched into the same step make the estimate slightly pessimistic, which errs on the side
+        of starting prefills early.
         """
-        self.step_time.observe(plan.model, _prefill_tokens(plan), elapsed_s)
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    planned_s: float
-    ends_s: float  # predicted: when the device finishes it (it queues behind any step already there)
-
-
-def _prefill_tokens(plan: StepPlan) -> int:
-    return sum(c.num_new_tokens for c in plan.chunks if c.start < c.seq.num_prompt_tokens)
+        num_prefill = sum(c.num_new_tokens for c in plan.chunks if c.start < c.seq.num_prompt_tokens)
+        self.prefill_speed.observe(plan.model, num_prefill, elapsed_s)
 
 
 class _Batch:

@@ -27,7 +27,7 @@ Policies return decisions as data (`StepOrder`, a victim); `LocalScheduler` carr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from scheduler.prefill_order import PrefillSpeed, moore_hodgson
@@ -44,7 +44,6 @@ PickModel = Callable[[list["ModelQueue"], int], list["ModelQueue"]]
 class StepOrder:
     models: list[ModelQueue]  # models to try, in order; the first with a runnable batch steps
     admission: dict[str, list[Sequence]]  # per model: its waiting sequences in admission order
-    urgency: dict[str, ModelUrgency] = field(default_factory=dict)  # per model with work (deadline policies only)
 
 
 class LocalPolicy(Protocol):
@@ -90,7 +89,6 @@ class ModelUrgency:
     start_by_s: float  # latest start of its most urgent savable work; inf if it has none
     best_effort: Sequence | None  # its first best-effort prefill (late or without deadline), if any
     best_effort_step_s: float  # predicted time of one step of that prefill
-    waiting_start_by_s: float  # the same over its waiting sequences only: what a running step of it does not serve
 
 
 class PrismPolicy:
@@ -109,7 +107,7 @@ class PrismPolicy:
         # One pass over every queued sequence a step: this runs before every step, with hundreds queued
         # under load, so it reads fields directly instead of through properties.
         prefill_s: dict[Sequence, float] = {}  # predicted prefill seconds of those awaiting their first token
-        decodes_start_by: dict[str, tuple[float, float]] = {}  # model -> (running decodes, preempted ones)
+        decodes_start_by: dict[str, float] = {}  # model -> latest start of its most urgent decode
         for queue in queues:
             per_token_s = 1.0 / self.speed.tokens_per_s(queue.name)
             oldest_last = math.inf  # the running decodes' oldest last token
@@ -128,7 +126,7 @@ class PrismPolicy:
                     preempted_start_by = min(preempted_start_by, last + queue.tpot_slo_s - uncomputed_s)
                 else:
                     prefill_s[seq] = uncomputed_s
-            decodes_start_by[queue.name] = (oldest_last + queue.tpot_slo_s, preempted_start_by)
+            decodes_start_by[queue.name] = min(oldest_last + queue.tpot_slo_s, preempted_start_by)
         ordering = moore_hodgson(prefill_s, now, _ttft_deadline, prefill_s.__getitem__)
         late = set(ordering.late)
         oldest_start = now - self.max_wait_s  # arrived at or before this: starving
@@ -141,45 +139,34 @@ class PrismPolicy:
         for seq in prefill_s:
             by_model[seq.model].append(seq)
         urgencies = {
-            q.name: self.urgency(q, *decodes_start_by[q.name], by_model[q.name], now, late, prefill_s)
+            q.name: self.urgency(q, decodes_start_by[q.name], by_model[q.name], now, late, prefill_s)
             for q in queues if q.has_work
         }
-        return StepOrder(self._model_order(list(urgencies.values()), now), admission, urgencies)
+        return StepOrder(self._model_order(list(urgencies.values()), now), admission)
 
     def victim(self, candidates: list[Sequence], now: float) -> Sequence:
         return max(reversed(candidates), key=lambda s: (s.max_tokens - s.num_output_tokens, s.arrival_s))
 
-    def urgency(self, queue: ModelQueue, running_decodes_start_by_s: float, preempted_start_by_s: float,
-                prefills: list[Sequence], now: float, late: set[Sequence], prefill_s: dict[Sequence, float]) -> ModelUrgency:
-        """The latest starts of the model's running decodes and of its preempted ones (inf if none), its
-        sequences awaiting their first token (`prefills`) and their predicted prefill seconds."""
-        prefill_start_by = waiting_start_by = math.inf
+    def urgency(self, queue: ModelQueue, decodes_start_by_s: float, prefills: list[Sequence], now: float,
+                late: set[Sequence], prefill_s: dict[Sequence, float]) -> ModelUrgency:
+        """`decodes_start_by_s`: latest start of the model's most urgent decode, running or preempted (inf
+        if none); `prefills`: its sequences awaiting their first token; `prefill_s`: their predicted seconds."""
+        start_by = decodes_start_by_s
         best_effort: Sequence | None = None
         oldest_start = now - self.max_wait_s
         margin_s = self.ttft_margin * queue.ttft_slo_s
         for seq in prefills:
             if seq.arrival_s <= oldest_start:  # starving
-                start_by = seq.arrival_s + self.max_wait_s
+                start_by = min(start_by, seq.arrival_s + self.max_wait_s)
             elif seq in late or math.isinf(seq.ttft_deadline_s):
                 if best_effort is None or _deadline_key(seq) < _deadline_key(best_effort):
                     best_effort = seq
-                continue
             else:
-                start_by = seq.ttft_deadline_s - prefill_s[seq] - margin_s
-            prefill_start_by = min(prefill_start_by, start_by)
-            if seq.status is SeqStatus.WAITING:
-                waiting_start_by = min(waiting_start_by, start_by)
-        step_s = 0.0
-        if best_effort is not None:
-            step_tokens = max(1, min(best_effort.num_uncomputed_tokens, queue.max_num_batched_tokens))
-            step_s = self.speed.predict_s(queue.name, step_tokens)
-        return ModelUrgency(
-            queue,
-            start_by_s=min(prefill_start_by, running_decodes_start_by_s, preempted_start_by_s),
-            best_effort=best_effort,
-            best_effort_step_s=step_s,
-            waiting_start_by_s=min(waiting_start_by, preempted_start_by_s),
-        )
+                start_by = min(start_by, seq.ttft_deadline_s - prefill_s[seq] - margin_s)
+        if best_effort is None:
+            return ModelUrgency(queue, start_by, None, 0.0)
+        step_tokens = max(1, min(best_effort.num_uncomputed_tokens, queue.max_num_batched_tokens))
+        return ModelUrgency(queue, start_by, best_effort, self.speed.predict_s(queue.name, step_tokens))
 
     def _model_order(self, urgencies: list[ModelUrgency], now: float) -> list[ModelQueue]:
         savable = sorted(
