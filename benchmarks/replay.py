@@ -181,6 +181,7 @@ def summarize(results: list[Result], slos: dict[str, dict], slo_scale: float, wa
         per_model[model] = {
             "requests": len(mine),
             "errors": sum(r.error is not None for r in mine),
+            "error_messages": sorted({r.error for r in mine if r.error is not None})[:5],
             "ttft_slo_s": ttft_slo,
             "tpot_slo_s": tpot_slo,
             "ttft_attainment": sum(ttft_ok) / len(mine),
@@ -257,16 +258,45 @@ def lifecycle_counts(base_url: str) -> dict:
     return counts
 
 
-def device_busy_s(base_url: str) -> dict[str, float]:
-    """Device seconds of the workers' steps so far, per device (`/metrics`, as of their last heartbeat)."""
+STEP_COUNTERS = {  # /metrics counter -> its name in a point's "steps" (per model)
+    "prism:model_steps": "steps",
+    "prism:model_scheduled_tokens": "tokens",
+    "prism:model_step_device_seconds": "device_s",
+    "prism:num_preemptions": "preemptions",
+}
+
+
+def worker_counters(base_url: str) -> dict[tuple[str, str], float]:
+    """The workers' step counters so far (`/metrics`, as of their last heartbeat): (name, device or model) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(base_url + "/metrics", timeout=30).text
     return {
-        sample.labels["device"]: sample.value
-        for family in text_string_to_metric_families(text) if family.name == "prism:device_busy_seconds"
+        (family.name, sample.labels.get("device") or sample.labels["model_name"]): sample.value
+        for family in text_string_to_metric_families(text) if family.name in ("prism:device_busy_seconds", *STEP_COUNTERS)
         for sample in family.samples if sample.name.endswith("_total")
     }
+
+
+def step_summary(before: dict, after: dict, wall_s: float) -> tuple[dict, dict]:
+    """Per device: share of the wall time in steps. Per model: its steps, tokens per step, preemptions and
+    share of the device, over the point. Heartbeats are 1 s apart: +-1 s of device time either way."""
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
+    busy = {label: round(value / wall_s, 3) for (name, label), value in delta.items() if name == "prism:device_busy_seconds"}
+    per_model: dict[str, dict] = {}
+    for (name, label), value in delta.items():
+        if name in STEP_COUNTERS:
+            per_model.setdefault(label, {})[STEP_COUNTERS[name]] = value
+    steps = {
+        model: {
+            "steps": int(c.get("steps", 0)),
+            "tokens_per_step": round(c.get("tokens", 0) / c["steps"], 1) if c.get("steps") else None,
+            "preemptions": int(c.get("preemptions", 0)),
+            "device_share": round(c.get("device_s", 0.0) / wall_s, 3),
+        }
+        for model, c in sorted(per_model.items()) if c.get("steps")
+    }
+    return busy, steps
 
 
 def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list[dict]:
@@ -275,16 +305,15 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list
     points = []
     for scale in args.rate_scales:
         before = lifecycle_counts(url) if events else {}
-        busy_before = device_busy_s(url)
+        counters_before = worker_counters(url)
         started = time.perf_counter()
         results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
         wall = time.perf_counter() - started
         summary = summarize(results, slos, args.slo_scale, wall)
         after = lifecycle_counts(url) if events else {}
         lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
-        # Share of the point's wall time each device spent in steps (heartbeats: +-1 s of device time).
-        busy = {d: round((s - busy_before.get(d, 0.0)) / wall, 3) for d, s in device_busy_s(url).items()}
-        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, **summary})
+        busy, steps = step_summary(counters_before, worker_counters(url), wall)
+        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps, **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
               f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}", flush=True)
@@ -381,6 +410,7 @@ def main() -> None:
                 result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True)
             finally:
                 stop_server(server)
+                (args.out.parent / f"server-{policy}.log").write_text(server.log())  # workers' logs included
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # keep what is done if a later policy fails
     result["highest_rate_scale_at_99pct_ttft"] = {p: highest_scale(points) for p, points in result["policies"].items()}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

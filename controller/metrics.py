@@ -85,6 +85,10 @@ class _StateCollector:
         model_pages = GaugeMetricFamily("prism:pool_model_pages", "Pool pages mapped per model and kind.", labels=["device", "model_name", "kind"])
         pending = GaugeMetricFamily("prism:num_requests_in_flight", "Requests accepted by the controller and not finished.", labels=["model_name"])
         busy = CounterMetricFamily("prism:device_busy_seconds", "Device time of the worker's steps (its rate: how busy the device is).", labels=["device"])
+        steps = CounterMetricFamily("prism:model_steps", "Engine steps run per model.", labels=["model_name"])
+        step_tokens = CounterMetricFamily("prism:model_scheduled_tokens", "Tokens computed in steps (prefill and decode) per model.", labels=["model_name"])
+        step_seconds = CounterMetricFamily("prism:model_step_device_seconds", "Device time of a model's steps.", labels=["model_name"])
+        preemptions = CounterMetricFamily("prism:num_preemptions", "Running sequences preempted (KV freed, recomputed later).", labels=["model_name"])
         for device, beat, in_flight in self.source():
             for model, count in in_flight.items():
                 pending.add_metric([model], count)
@@ -94,6 +98,10 @@ class _StateCollector:
                 running.add_metric([stats.name], stats.num_running)
                 waiting.add_metric([stats.name], stats.num_waiting)
                 kv_usage.add_metric([stats.name], stats.num_kv_blocks_used / max(1, stats.num_kv_blocks_total))
+                steps.add_metric([stats.name], stats.num_steps)
+                step_tokens.add_metric([stats.name], stats.num_scheduled_tokens)
+                step_seconds.add_metric([stats.name], stats.step_device_s)
+                preemptions.add_metric([stats.name], stats.num_preemptions)
             busy.add_metric([device], beat.device_busy_s)
             pool = beat.pool
             weights = sum(pool.weight_pages_by_model.values())
@@ -104,4 +112,4 @@ class _StateCollector:
                 model_pages.add_metric([device, model, "kv"], count)
             for model, count in pool.weight_pages_by_model.items():
                 model_pages.add_metric([device, model, "weights"], count)
-        yield from (running, waiting, kv_usage, pages, model_pages, pending, busy)
+        yield from (running, waiting, kv_usage, pages, model_pages, pending, busy, steps, step_tokens, step_seconds, preemptions)

@@ -141,6 +141,10 @@ class ModelStats(msgspec.Struct):
     num_kv_blocks_total: int
     kv_pages_mapped: int
     weight_bytes: int
+    num_steps: int = 0  # since the worker started, as the counters below
+    num_scheduled_tokens: int = 0
+    num_preemptions: int = 0
+    step_device_s: float = 0.0
 
 
 class PoolStats(msgspec.Struct):

@@ -52,6 +52,16 @@ class StepOutcome:
 
 
 @dataclass
+class StepCounts:
+    """What one model's steps did so far: for operators (`/metrics`) and benchmarks, not for decisions."""
+
+    steps: int = 0
+    tokens: int = 0  # scheduled: prompt tokens prefilled plus one per decode
+    preemptions: int = 0
+    device_s: float = 0.0
+
+
+@dataclass
 class _Launched:
     plan: StepPlan
     pending: PendingStep
@@ -66,6 +76,7 @@ class StepLoop:
         self.num_steps = 0
         self.num_overlapped = 0  # steps launched while another was still running
         self.device_busy_s = 0.0  # the finished steps' device time: over wall time, how busy the device is
+        self.counts: dict[str, StepCounts] = {}  # per model
 
     def advance(self) -> list[StepOutcome]:
         """Launch the next step if one can run, then finish the one launched before (if any)."""
@@ -93,8 +104,16 @@ class StepLoop:
             device_s = launched.pending.device_s
         except Exception:
             return [self._fail(plan)]
-        self.device_busy_s += device_s
+        self._count(plan, device_s)
         return [StepOutcome(plan, sampled, self.scheduler.update(plan, sampled, device_s=device_s))]
+
+    def _count(self, plan: StepPlan, device_s: float) -> None:
+        self.device_busy_s += device_s
+        counts = self.counts.setdefault(plan.model, StepCounts())
+        counts.steps += 1
+        counts.tokens += sum(c.num_new_tokens for c in plan.chunks)
+        counts.preemptions += len(plan.preempted)
+        counts.device_s += device_s
 
     def _launch(self, plan: StepPlan) -> tuple[_Launched | None, StepOutcome | None]:
         try:

@@ -23,7 +23,7 @@ from scheduler.local import LocalScheduler
 from scheduler.sequence import Sequence
 from workers import messages as m
 from workers.engine.engine import Engine, NotEnoughMemory
-from workers.step_loop import StepLoop, StepOutcome, model_queue
+from workers.step_loop import StepCounts, StepLoop, StepOutcome, model_queue
 
 logger = logging.getLogger("prism.worker")
 
@@ -278,6 +278,7 @@ class Worker:
         stats = []
         for name, engine in self.engines.items():
             queue = self.scheduler.queues.get(name)
+            counts = self.steps.counts.get(name, StepCounts())
             stats.append(
                 m.ModelStats(
                     name=name,
@@ -288,6 +289,10 @@ class Worker:
                     num_kv_blocks_total=engine.kv.max_blocks,
                     kv_pages_mapped=engine.kv.num_mapped_pages,
                     weight_bytes=engine.weight_bytes,
+                    num_steps=counts.steps,
+                    num_scheduled_tokens=counts.tokens,
+                    num_preemptions=counts.preemptions,
+                    step_device_s=counts.device_s,
                 )
             )
         return stats

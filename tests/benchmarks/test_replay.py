@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, policy_registry, summarize
+from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, policy_registry, step_summary, summarize
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +52,7 @@ def test_summary_counts_attainment_per_model_and_overall():
     a, b = summary["per_model"]["a"], summary["per_model"]["b"]
     assert (a["ttft_attainment"], a["tpot_attainment"], a["attainment"]) == (0.5, 1.0, 0.5)
     assert (b["ttft_attainment"], b["tpot_attainment"], b["attainment"], b["errors"]) == (0.5, 0.0, 0.0, 1)
+    assert b["error_messages"] == ["HTTP 503"] and a["error_messages"] == []
     assert summary["overall"]["attainment"] == 0.25 and summary["overall"]["goodput_rps"] == 0.5
 
 
@@ -84,7 +85,20 @@ def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     point = result["policies"]["server"][0]
     assert point["overall"]["requests"] == 8 and point["overall"]["errors"] == 0  # trace times <= 6 s at scale 2
     assert list(point["device_busy"]) == ["cpu"] and point["device_busy"]["cpu"] > 0  # from the workers' heartbeats
+    assert set(point["steps"]) <= {"smollm2-135m-instruct", "tiny-llama-random"} and point["steps"]  # each model's steps
+    assert all(s["steps"] > 0 and s["tokens_per_step"] >= 1 for s in point["steps"].values())
     assert set(point["per_model"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert all(0.0 <= m["attainment"] <= 1.0 for m in point["per_model"].values())
     assert set(result["dedicated_p95"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert all(len(p95["samples"]) == 2 and all(s["ttft_s"] > 0 for s in p95["samples"]) for p95 in result["dedicated_p95"].values())
+
+
+def test_step_summary_turns_counter_deltas_into_per_model_step_figures():
+    before = {("prism:device_busy_seconds", "cuda:0"): 10.0, ("prism:model_steps", "a"): 100,
+              ("prism:model_scheduled_tokens", "a"): 1000, ("prism:model_step_device_seconds", "a"): 8.0}
+    after = {("prism:device_busy_seconds", "cuda:0"): 15.0, ("prism:model_steps", "a"): 300,
+             ("prism:model_scheduled_tokens", "a"): 5000, ("prism:model_step_device_seconds", "a"): 12.0,
+             ("prism:num_preemptions", "a"): 3, ("prism:model_steps", "idle"): 0}
+    busy, steps = step_summary(before, after, wall_s=10.0)
+    assert busy == {"cuda:0": 0.5}
+    assert steps == {"a": {"steps": 200, "tokens_per_step": 20.0, "preemptions": 3, "device_share": 0.4}}  # idle: no steps

@@ -188,3 +188,4 @@ def test_metrics_count_activations_and_evictions(server):
     assert "prism:model_evictions_total" in text and "prism:model_activation_seconds_bucket" in text
     assert 'prism:pool_pages{device="cpu",kind="weights"}' in text
     assert 'prism:device_busy_seconds_total{device="cpu"}' in text
+    assert 'prism:model_steps_total{model_name="smol-a"}' in text and "prism:num_preemptions_total" in text

@@ -93,9 +93,17 @@ def test_overlapped_steps_give_every_model_the_tokens_it_gives_alone(tiny_specs)
 
 def test_without_overlap_every_step_is_finished_before_the_next_is_planned(tiny_specs):
     device = Device(tiny_specs, "cpu", make_pool(), overlap=False)
-    outputs = device.generate(mixed_requests([s.name for s in tiny_specs], vocab_size=512))
+    requests = mixed_requests([s.name for s in tiny_specs], vocab_size=512)
+    outputs = device.generate(requests)
     assert device.loop.num_overlapped == 0 and device.loop.num_steps > 0
     assert device.loop.device_busy_s > 0  # the steps' device time (wall time on the CPU), summed
+    counts = device.loop.counts
+    assert sum(c.steps for c in counts.values()) == device.loop.num_steps
+    assert sum(c.device_s for c in counts.values()) == pytest.approx(device.loop.device_busy_s)
+    for spec in tiny_specs:  # each prompt prefilled once, then one token per decode (the last is never fed)
+        mine = [prompt for model, prompt in requests.values() if model == spec.name]
+        assert counts[spec.name].tokens == sum(len(p) + GREEDY.max_tokens - 1 for p in mine)
+        assert counts[spec.name].preemptions == 0
     assert all(out is not None and len(out) == 12 for out in outputs.values())
     device.close()
 
