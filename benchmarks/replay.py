@@ -198,9 +198,22 @@ def summarize(results: list[Result], slos: dict[str, dict], slo_scale: float, wa
         for key in ("ttft_attainment", "tpot_attainment", "attainment")
     }
     overall["requests"] = total
+    # A point's attainment is a proportion of a few hundred requests: near 99% one late request moves it
+    # by 0.2-0.5%, so say how sure it is before reading a threshold off it.
+    overall["ttft_attainment_ci95"] = wilson_interval(round(overall["ttft_attainment"] * total), total)
     overall["errors"] = sum(m["errors"] for m in per_model.values())
     overall["goodput_rps"] = sum(m["goodput_rps"] for m in per_model.values())
     return {"per_model": per_model, "overall": overall}
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of a proportion (sound near 0 and 1, unlike the normal approximation)."""
+    if trials == 0:
+        return [0.0, 1.0]
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * (p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5 / (1 + z * z / trials)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def _pct(values: list[float], q: float) -> float | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, policy_registry, step_summary, summarize
+from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, policy_registry, step_summary, summarize, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,6 +54,15 @@ def test_summary_counts_attainment_per_model_and_overall():
     assert (b["ttft_attainment"], b["tpot_attainment"], b["attainment"], b["errors"]) == (0.5, 0.0, 0.0, 1)
     assert b["error_messages"] == ["HTTP 503"] and a["error_messages"] == []
     assert summary["overall"]["attainment"] == 0.25 and summary["overall"]["goodput_rps"] == 0.5
+    low, high = summary["overall"]["ttft_attainment_ci95"]
+    assert low < 0.5 < high  # 2 of 4 on time: anything from rare to usual
+
+
+def test_wilson_interval_matches_hand_worked_values_and_stays_within_0_and_1():
+    # 469 of 475 on time (0.987): the interval spans the 99% target, so that point neither holds nor misses it.
+    assert wilson_interval(469, 475) == pytest.approx([0.9727, 0.9942], abs=1e-4)
+    assert wilson_interval(475, 475)[1] == 1.0 and wilson_interval(475, 475)[0] == pytest.approx(0.992, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(0, 0) == [0.0, 1.0]
 
 
 def test_policy_registry_writes_policy_slos_memory_share_and_absolute_paths():
