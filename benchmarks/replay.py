@@ -26,10 +26,9 @@ import asyncio
 import csv
 import json
 import random
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
