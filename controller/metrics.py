@@ -84,7 +84,7 @@ class _StateCollector:
         pages = GaugeMetricFamily("prism:pool_pages", "Pool pages of a device by kind (weights, kv, free, reserved).", labels=["device", "kind"])
         model_pages = GaugeMetricFamily("prism:pool_model_pages", "Pool pages mapped per model and kind.", labels=["device", "model_name", "kind"])
         pending = GaugeMetricFamily("prism:num_requests_in_flight", "Requests accepted by the controller and not finished.", labels=["model_name"])
-        busy = CounterMetricFamily("prism:device_busy_seconds", "Device time of the worker's steps (its rate: how busy the device is).", labels=["device"])
+        busy = CounterMetricFamily("prism:device_busy_seconds", "Time the worker's steps were in flight on the device (CUDA events; host gaps inside a step count).", labels=["device"])
         steps = CounterMetricFamily("prism:model_steps", "Engine steps run per model.", labels=["model_name"])
         step_tokens = CounterMetricFamily("prism:model_scheduled_tokens", "Tokens computed in steps (prefill and decode) per model.", labels=["model_name"])
         step_seconds = CounterMetricFamily("prism:model_step_device_seconds", "Device time of a model's steps.", labels=["model_name"])

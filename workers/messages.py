@@ -162,7 +162,7 @@ class Heartbeat(msgspec.Struct, tag=True):
     models: list[ModelStats]
     pool: PoolStats
     num_steps: int
-    device_busy_s: float = 0.0  # device time of all steps so far (CUDA events; wall time on the CPU)
+    device_busy_s: float = 0.0  # device time of all steps so far (CUDA events, host gaps inside a step included; wall time on the CPU)
 
 
 FromWorker = WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat

@@ -75,7 +75,7 @@ class StepLoop:
         self._in_flight: _Launched | None = None
         self.num_steps = 0
         self.num_overlapped = 0  # steps launched while another was still running
-        self.device_busy_s = 0.0  # the finished steps' device time: over wall time, how busy the device is
+        self.device_busy_s = 0.0  # the finished steps' device time (host gaps inside a step included)
         self.counts: dict[str, StepCounts] = {}  # per model
 
     def advance(self) -> list[StepOutcome]:
