@@ -276,24 +276,28 @@ STEP_COUNTERS = {  # /metrics counter -> its name in a point's "steps" (per mode
     "prism:model_step_device_seconds": "device_s",
     "prism:num_preemptions": "preemptions",
 }
+SCHEDULER_GAUGES = {"prism:prefill_speed_estimate_tokens_per_second": "prefill_speed_estimate"}  # read at the end
 
 
 def worker_counters(base_url: str) -> dict[tuple[str, str], float]:
-    """The workers' step counters so far (`/metrics`, as of their last heartbeat): (name, device or model) -> value."""
+    """The workers' step counters so far and the schedulers' gauges now (`/metrics`, as of the workers' last
+    heartbeat): (name, device or model) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(base_url + "/metrics", timeout=30).text
     return {
         (family.name, sample.labels.get("device") or sample.labels["model_name"]): sample.value
-        for family in text_string_to_metric_families(text) if family.name in ("prism:device_busy_seconds", *STEP_COUNTERS)
-        for sample in family.samples if sample.name.endswith("_total")
+        for family in text_string_to_metric_families(text)
+        if family.name in ("prism:device_busy_seconds", *STEP_COUNTERS, *SCHEDULER_GAUGES)
+        for sample in family.samples if sample.name.endswith("_total") or family.name in SCHEDULER_GAUGES
     }
 
 
 def step_summary(before: dict, after: dict, wall_s: float) -> tuple[dict, dict]:
     """Per device: share of the wall time in steps. Per model: its steps, tokens per step, preemptions and
-    share of the device, over the point. Heartbeats are 1 s apart: +-1 s of device time either way."""
-    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
+    share of the device over the point, and the scheduler's prefill speed estimate at its end. Heartbeats
+    are 1 s apart: +-1 s of device time either way."""
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items() if key[0] not in SCHEDULER_GAUGES}
     busy = {label: round(value / wall_s, 3) for (name, label), value in delta.items() if name == "prism:device_busy_seconds"}
     per_model: dict[str, dict] = {}
     for (name, label), value in delta.items():
@@ -305,6 +309,7 @@ def step_summary(before: dict, after: dict, wall_s: float) -> tuple[dict, dict]:
             "tokens_per_step": round(c.get("tokens", 0) / c["steps"], 1) if c.get("steps") else None,
             "preemptions": int(c.get("preemptions", 0)),
             "device_share": round(c.get("device_s", 0.0) / wall_s, 3),
+            **{label: round(after[(name, model)]) for name, label in SCHEDULER_GAUGES.items() if (name, model) in after},
         }
         for model, c in sorted(per_model.items()) if c.get("steps")
     }

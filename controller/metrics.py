@@ -89,6 +89,8 @@ class _StateCollector:
         step_tokens = CounterMetricFamily("prism:model_scheduled_tokens", "Tokens computed in steps (prefill and decode) per model.", labels=["model_name"])
         step_seconds = CounterMetricFamily("prism:model_step_device_seconds", "Device time of a model's steps.", labels=["model_name"])
         preemptions = CounterMetricFamily("prism:num_preemptions", "Running sequences preempted (KV freed, recomputed later).", labels=["model_name"])
+        prefill_speed = GaugeMetricFamily("prism:prefill_speed_estimate_tokens_per_second",
+                                          "The local scheduler's prefill speed estimate, behind its TTFT predictions.", labels=["model_name"])
         for device, beat, in_flight in self.source():
             for model, count in in_flight.items():
                 pending.add_metric([model], count)
@@ -102,6 +104,7 @@ class _StateCollector:
                 step_tokens.add_metric([stats.name], stats.num_scheduled_tokens)
                 step_seconds.add_metric([stats.name], stats.step_device_s)
                 preemptions.add_metric([stats.name], stats.num_preemptions)
+                prefill_speed.add_metric([stats.name], stats.prefill_tokens_per_s)
             busy.add_metric([device], beat.device_busy_s)
             pool = beat.pool
             weights = sum(pool.weight_pages_by_model.values())
@@ -112,4 +115,4 @@ class _StateCollector:
                 model_pages.add_metric([device, model, "kv"], count)
             for model, count in pool.weight_pages_by_model.items():
                 model_pages.add_metric([device, model, "weights"], count)
-        yield from (running, waiting, kv_usage, pages, model_pages, pending, busy, steps, step_tokens, step_seconds, preemptions)
+        yield from (running, waiting, kv_usage, pages, model_pages, pending, busy, steps, step_tokens, step_seconds, preemptions, prefill_speed)

@@ -145,6 +145,7 @@ class ModelStats(msgspec.Struct):
     num_scheduled_tokens: int = 0
     num_preemptions: int = 0
     step_device_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0  # the local scheduler's estimate (its prior until a prefill is measured)
 
 
 class PoolStats(msgspec.Struct):

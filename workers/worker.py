@@ -293,6 +293,7 @@ class Worker:
                     num_scheduled_tokens=counts.tokens,
                     num_preemptions=counts.preemptions,
                     step_device_s=counts.device_s,
+                    prefill_tokens_per_s=self.scheduler.prefill_speed.tokens_per_s(name),
                 )
             )
         return stats

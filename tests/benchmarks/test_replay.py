@@ -107,7 +107,10 @@ def test_step_summary_turns_counter_deltas_into_per_model_step_figures():
               ("prism:model_scheduled_tokens", "a"): 1000, ("prism:model_step_device_seconds", "a"): 8.0}
     after = {("prism:device_busy_seconds", "cuda:0"): 15.0, ("prism:model_steps", "a"): 300,
              ("prism:model_scheduled_tokens", "a"): 5000, ("prism:model_step_device_seconds", "a"): 12.0,
-             ("prism:num_preemptions", "a"): 3, ("prism:model_steps", "idle"): 0}
+             ("prism:num_preemptions", "a"): 3, ("prism:model_steps", "idle"): 0,
+             ("prism:prefill_speed_estimate_tokens_per_second", "a"): 12345.6}
+    before[("prism:prefill_speed_estimate_tokens_per_second", "a")] = 4096.0  # a gauge: its value at the end counts
     busy, steps = step_summary(before, after, wall_s=10.0)
     assert busy == {"cuda:0": 0.5}
-    assert steps == {"a": {"steps": 200, "tokens_per_step": 20.0, "preemptions": 3, "device_share": 0.4}}  # idle: no steps
+    assert steps == {"a": {"steps": 200, "tokens_per_step": 20.0, "preemptions": 3, "device_share": 0.4,
+                           "prefill_speed_estimate": 12346}}  # idle: no steps

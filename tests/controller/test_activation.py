@@ -189,3 +189,4 @@ def test_metrics_count_activations_and_evictions(server):
     assert 'prism:pool_pages{device="cpu",kind="weights"}' in text
     assert 'prism:device_busy_seconds_total{device="cpu"}' in text
     assert 'prism:model_steps_total{model_name="smol-a"}' in text and "prism:num_preemptions_total" in text
+    assert 'prism:prefill_speed_estimate_tokens_per_second{model_name="smol-a"}' in text
