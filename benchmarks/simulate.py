@@ -1,0 +1,247 @@
+"""Replay a trace through the real local scheduler on a modelled device: no GPU, no server, seconds of CPU.
+
+    python benchmarks/simulate.py --config configs/prism-8models.yaml --kv-gb 8.5 \
+        --slos slos.json --streams 2 14 3 10 5 19 23 24 --rate-scales 8 16 24 --out sim.json
+
+What is real: `LocalScheduler` and its policies (prism, or fcfs with per-model KV caps for `static`),
+the trace, the models' shapes and the SLOs (the same `--slos` file of dedicated P95s as `replay.py`).
+What is modelled: the device and the clock. A step of model m takes
+
+    overhead + (weight bytes + bytes of the KV its chunks attend to) / bandwidth + prefill tokens x 2 x parameters / compute
+
+plus, for a step with prefill (run eagerly, no CUDA graph), a launch cost per layer; one step after
+another (as if the host never made the device wait: perfect overlap). The defaults fit the measured
+engine: 8B decode 5.6 ms and 1B 1.3 ms (dedicated TPOT P95s on the H200: 5.1 and 1.4 ms); 8B prefill
+of 512 / 2048 tokens 23 / 67 ms (H100 engine benchmark: 23 / 65 ms). KV memory is a byte budget of
+`--kv-gb`, shared by all models (prism), or split equally among them (static, as `StaticPlacement`).
+
+`--prefill-speed oracle` gives the scheduler the model's true prefill speed instead of its online
+estimate: how much better predictions would be worth. Use it to compare policies and scheduler inputs
+before spending device time; the GPU replay remains the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from benchmarks.replay import Result, TraceRequest, assign_models, highest_scale, load_trace, plot, summarize  # noqa: E402
+from scheduler.local import LocalScheduler, ModelQueue, StepPlan  # noqa: E402
+from scheduler.prefill_order import PrefillSpeed  # noqa: E402
+from scheduler.sequence import Sequence  # noqa: E402
+from workers.weights.arch import Arch  # noqa: E402
+
+BF16_BYTES = 2
+
+
+@dataclass(frozen=True)
+class Device:
+    bandwidth_bytes_s: float = 3.15e12  # one read of the 8B's 16.06 GB in 5.1 ms
+    flops: float = 6.0e14  # dense bf16 throughput reached by prefill (8B, 2048 tokens in 65 ms on the H100)
+    overhead_s: float = 0.5e-3  # per step: launches, sampling, the last token's copy
+    eager_s_per_layer: float = 110e-6  # a step with prefill runs eagerly (no CUDA graph): ~3.5 ms for 32 layers
+
+
+@dataclass(frozen=True)
+class Host:
+    """The host's share of a step, when modelled: the engine's fixed work plus the local scheduler's
+    measured time (this machine's wall clock, scaled). With overlap a step cycle is the longer of the
+    device's step and the host's."""
+
+    engine_s: float = 0.6e-3  # input staging, launches, output handling: 1B dedicated TPOT minus its device time
+    scheduler_scale: float = 1.0  # the scheduler's measured time x this (a faster host: < 1)
+
+
+@dataclass(frozen=True)
+class SimModel:
+    name: str
+    weight_bytes: int
+    kv_bytes_per_token: int
+    flops_per_token: float
+    num_layers: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+    @classmethod
+    def from_registry(cls, entry: dict, config_dir: Path) -> SimModel:
+        arch = Arch.from_hf_config(json.loads((config_dir / entry["config"]).read_text()))
+        params = arch.num_parameters()
+        kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * BF16_BYTES
+        return cls(entry["name"], params * BF16_BYTES, kv_per_token, 2.0 * params, arch.num_layers,
+                   entry.get("max_num_seqs", 256), entry.get("max_num_batched_tokens", 2048))
+
+    def step_s(self, plan: StepPlan, device: Device) -> float:
+        attended = sum(c.start + c.num_new_tokens for c in plan.chunks)
+        prefill = sum(c.num_new_tokens for c in plan.chunks if c.start < c.seq.num_prompt_tokens)
+        memory_s = (self.weight_bytes + attended * self.kv_bytes_per_token) / device.bandwidth_bytes_s
+        eager_s = device.eager_s_per_layer * self.num_layers if prefill else 0.0
+        return device.overhead_s + eager_s + memory_s + prefill * self.flops_per_token / device.flops
+
+    def prefill_tokens_per_s(self, device: Device) -> float:
+        return device.flops / self.flops_per_token
+
+
+class ByteBudget:
+    """KV memory as bytes: what the page pool is to the models sharing it, without pages."""
+
+    def __init__(self, capacity_bytes: int):
+        self.free_bytes = capacity_bytes
+
+
+class BudgetAllocator:
+    """One model's KV blocks, drawn from a `ByteBudget` (shared by all models, or its own)."""
+
+    def __init__(self, budget: ByteBudget, block_bytes: int, max_blocks: int):
+        self.budget, self.block_bytes, self.max_blocks = budget, block_bytes, max_blocks
+        self._next = 0
+
+    def allocate(self, num_blocks: int) -> list[int] | None:
+        if num_blocks * self.block_bytes > self.budget.free_bytes:
+            return None
+        self.budget.free_bytes -= num_blocks * self.block_bytes
+        self._next += num_blocks
+        return list(range(self._next - num_blocks, self._next))
+
+    def free(self, block_ids: list[int]) -> None:
+        self.budget.free_bytes += len(block_ids) * self.block_bytes
+
+
+class OracleSpeed(PrefillSpeed):
+    """The models' true prefill speeds, never updated: the scheduler's prefill predictions are exact."""
+
+    def __init__(self, tokens_per_s: dict[str, float]):
+        super().__init__()
+        self.true_tokens_per_s = dict(tokens_per_s)
+
+    def observe(self, model: str, num_tokens: int, elapsed_s: float) -> None:
+        pass
+
+    def tokens_per_s(self, model: str) -> float:
+        return self.true_tokens_per_s[model]
+
+
+def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], policy: str, kv_bytes: int, slos: dict,
+             slo_scale: float, rate_scale: float, duration_s: float, device: Device, oracle: bool = False,
+             host: Host | None = None, block_size: int = 16) -> dict:
+    """One point: the jobs arriving within `duration_s` at `rate_scale`, run to the end; `replay.summarize`'s output.
+
+    Deterministic without `host`; with it, the scheduler's own wall time enters the step times."""
+    speed = OracleSpeed({m.name: m.prefill_tokens_per_s(device) for m in models}) if oracle else PrefillSpeed()
+    scheduler = LocalScheduler("prism" if policy == "prism" else "fcfs", clock=lambda: 0.0, prefill_speed=speed)
+    shared = ByteBudget(kv_bytes)
+    for m in models:
+        budget = shared if policy == "prism" else ByteBudget(kv_bytes // len(models))
+        block_bytes = m.kv_bytes_per_token * block_size
+        slo = slos[m.name]
+        scheduler.add_model(ModelQueue(
+            m.name, BudgetAllocator(budget, block_bytes, budget.free_bytes // block_bytes), block_size, m.max_num_seqs,
+            m.max_num_batched_tokens, ttft_slo_s=slo["ttft_p95_s"] * slo_scale, tpot_slo_s=slo["tpot_p95_s"] * slo_scale))
+    by_name = {m.name: m for m in models}
+    arrivals = [(r.time_s / rate_scale, r, name) for r, name in jobs if r.time_s <= duration_s * rate_scale]
+    seqs: list[Sequence] = []
+    now, next_arrival = 0.0, 0
+    while next_arrival < len(arrivals) or scheduler.has_work():
+        while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= now:
+            seqs.append(_admit(scheduler, len(seqs), *arrivals[next_arrival]))
+            next_arrival += 1
+        started = time.perf_counter()
+        plan = scheduler.schedule(now)
+        scheduler_s = time.perf_counter() - started
+        if plan is None:
+            if next_arrival == len(arrivals):
+                raise RuntimeError("the scheduler has work but plans none: a deadlock")
+            now = max(now, arrivals[next_arrival][0])
+            continue
+        step_s = by_name[plan.model].step_s(plan, device)
+        sampled = {c.seq.req_id: 1 for c in plan.chunks if c.samples}
+        if host is None:
+            now += step_s
+            scheduler.update(plan, sampled, now, device_s=step_s)
+            continue
+        started = time.perf_counter()
+        scheduler.update(plan, sampled, now + step_s, device_s=step_s)  # stamps tokens at the device's end
+        scheduler_s += time.perf_counter() - started
+        now += max(step_s, host.engine_s + scheduler_s * host.scheduler_scale)
+    results = [_result(seq) for seq in seqs]
+    return {"rate_scale": rate_scale, "simulated_s": now, **summarize(results, slos, slo_scale, max(now, 1e-9))}
+
+
+def _admit(scheduler: LocalScheduler, index: int, arrival_s: float, request: TraceRequest, model: str) -> Sequence:
+    queue = scheduler.queues[model]
+    seq = Sequence(f"r{index}", model, [1] * max(1, request.prompt_len), max(1, request.output_len), arrival_s,
+                   min_tokens=max(1, request.output_len), ttft_deadline_s=arrival_s + queue.ttft_slo_s)
+    scheduler.add(seq)
+    return seq
+
+
+def _result(seq: Sequence) -> Result:
+    ttft = None if seq.first_token_s is None else seq.first_token_s - seq.arrival_s
+    tpot = None
+    if seq.num_output_tokens > 1:
+        tpot = (seq.last_token_s - seq.first_token_s) / (seq.num_output_tokens - 1)
+    return Result(seq.model, seq.arrival_s, ttft, tpot, seq.num_output_tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="registry: the models (shapes, limits), in order")
+    parser.add_argument("--slos", type=Path, required=True,
+                        help="dedicated P95s per model: a JSON of them, or a replay result holding them (dedicated_p95)")
+    parser.add_argument("--kv-gb", type=float, default=8.5, help="KV memory of the device, GB (after weights)")
+    parser.add_argument("--policies", nargs="+", default=["prism", "static"], choices=["prism", "static"])
+    parser.add_argument("--prefill-speed", choices=["learned", "oracle"], default="learned")
+    parser.add_argument("--host", action="store_true", help="model the host too: engine work plus the scheduler's measured time")
+    parser.add_argument("--host-engine-ms", type=float, default=Host.engine_s * 1e3)
+    parser.add_argument("--host-scheduler-scale", type=float, default=1.0, help="scale the scheduler's measured time (faster host: < 1)")
+    parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
+    parser.add_argument("--streams", type=int, nargs="*", default=None)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--rate-scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--duration", type=float, default=25.0)
+    parser.add_argument("--slo-scale", type=float, default=5.0)
+    parser.add_argument("--max-output", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "simulate.json")
+    args = parser.parse_args()
+
+    registry = yaml.safe_load(args.config.read_text())
+    models = [SimModel.from_registry(entry, args.config.parent) for entry in registry["models"]]
+    trace = [TraceRequest(r.time_s, r.stream, r.prompt_len, min(r.output_len, args.max_output)) for r in load_trace(args.trace)]
+    jobs = assign_models(trace, [m.name for m in models], args.streams, args.alpha, args.seed)
+    slos = json.loads(args.slos.read_text())
+    slos = slos.get("dedicated_p95", slos)
+    device = Device()
+    host = Host(args.host_engine_ms / 1e3, args.host_scheduler_scale) if args.host else None
+    result = {"benchmark": "simulate", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+              "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb, "prefill_speed": args.prefill_speed,
+              "trace": args.trace.name, "models": [m.name for m in models], "streams": args.streams, "slo_scale": args.slo_scale,
+              "duration_s": args.duration, "policies": {}}
+    for policy in args.policies:
+        points = []
+        for scale in args.rate_scales:
+            point = simulate(models, jobs, policy, int(args.kv_gb * 1e9), slos, args.slo_scale, scale, args.duration, device,
+                             oracle=args.prefill_speed == "oracle", host=host)
+            o = point["overall"]
+            print(f"{policy:>7} scale {scale:>5g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, "
+                  f"TPOT att {o['tpot_attainment']:.3f}, goodput {o['goodput_rps']:.2f} req/s", flush=True)
+            points.append(point)
+        result["policies"][policy] = points
+    result["highest_rate_scale_at_99pct_ttft"] = {p: highest_scale(points) for p, points in result["policies"].items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out)
+    print(json.dumps(result["highest_rate_scale_at_99pct_ttft"]))
+
+
+if __name__ == "__main__":
+    main()

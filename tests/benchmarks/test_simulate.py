@@ -1,0 +1,66 @@
+"""The CPU simulator of one device: the real local scheduler, a modelled step time, KV as a byte budget."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.replay import TraceRequest
+from benchmarks.simulate import Device, SimModel, simulate
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=1e-3)
+SLOS = {"m": {"ttft_p95_s": 1.0, "tpot_p95_s": 1.0}, "n": {"ttft_p95_s": 1.0, "tpot_p95_s": 1.0}}
+
+
+def model(name: str = "m") -> SimModel:
+    return SimModel(name, weight_bytes=10**9, kv_bytes_per_token=1000, flops_per_token=1e9, num_layers=2,
+                    max_num_seqs=8, max_num_batched_tokens=512)
+
+
+def test_one_request_takes_an_eager_prefill_step_then_one_weight_read_per_token():
+    jobs = [(TraceRequest(0.0, 0, 100, 3), "m")]
+    point = simulate([model()], jobs, "prism", 10**9, SLOS, 1.0, 1.0, 10.0, DEVICE)
+    m = point["per_model"]["m"]
+    prefill_s = (1e9 + 100 * 1000) / 1e12 + 2 * 1e-3 + 100 * 1e9 / 1e12  # weights + KV read, 2 eager layers, compute
+    decode_s = [(1e9 + n * 1000) / 1e12 for n in (101, 102)]  # attends to 101, then 102 tokens
+    assert m["ttft_p50_s"] == pytest.approx(prefill_s)
+    assert m["tpot_p50_s"] == pytest.approx(sum(decode_s) / 2)
+    assert point["simulated_s"] == pytest.approx(prefill_s + sum(decode_s))
+
+
+def test_static_splits_the_kv_memory_so_a_burst_on_one_model_waits_where_prism_lends_it_the_pool():
+    # 4 KV blocks of 16 tokens in all. A 30-token prompt plus 2 outputs needs 2 blocks: two at once need 4.
+    kv_bytes = 4 * 16 * 1000
+    jobs = [(TraceRequest(0.0, 0, 30, 3), "m"), (TraceRequest(0.0, 0, 30, 3), "m"), (TraceRequest(5.0, 0, 1, 2), "n")]
+    models = [model("m"), model("n")]
+    slos = {name: {"ttft_p95_s": 0.065, "tpot_p95_s": 1.0} for name in ("m", "n")}
+    prism = simulate(models, jobs, "prism", kv_bytes, slos, 1.0, 1.0, 10.0, DEVICE)["per_model"]["m"]
+    static = simulate(models, jobs, "static", kv_bytes, slos, 1.0, 1.0, 10.0, DEVICE)["per_model"]["m"]
+    assert prism["requests"] == static["requests"] == 2
+    # Prism prefills both prompts in one step (60 tokens: 63 ms, both on time). Static has room for one:
+    # 33 ms, and the other starts after it finishes (two 1 ms decodes), first token at ~68 ms: late.
+    assert prism["ttft_attainment"] == 1.0 and prism["ttft_p50_s"] == pytest.approx(0.063, abs=1e-3)
+    assert static["ttft_attainment"] == 0.5 and static["ttft_p50_s"] == pytest.approx(0.033, abs=1e-3)
+
+
+def test_the_command_line_writes_a_result_per_policy_and_scale(tmp_path):
+    slos = {name: {"ttft_p95_s": 0.03, "tpot_p95_s": 0.005} for name in ("llama-8b-1", "llama-8b-2", "llama-8b-3", "llama-3b-1",
+                                                                        "llama-1b-1", "llama-1b-2", "llama-1b-3", "llama-1b-4")}
+    (tmp_path / "slos.json").write_text(json.dumps({"dedicated_p95": slos}))  # a replay result's layout
+    trace = tmp_path / "trace.csv"
+    trace.write_text("req_time_s,adapter_rank,prompt_len,output_len\n" + "".join(f"{i * 0.5},{2 + i % 2},{20 + i},{4}\n" for i in range(12)))
+    out = tmp_path / "sim.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simulate.py"), "--config", str(ROOT / "configs" / "prism-8models.yaml"),
+                    "--slos", str(tmp_path / "slos.json"), "--trace", str(trace), "--streams", "2", "3", "4", "5", "6", "7", "8", "9",
+                    "--rate-scales", "1", "2", "--duration", "10", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["policies"]) == {"prism", "static"}
+    for points in result["policies"].values():
+        assert [p["rate_scale"] for p in points] == [1.0, 2.0]
+        assert points[0]["overall"]["requests"] == 12 and points[0]["overall"]["errors"] == 0
+        assert set(points[0]["per_model"]) == {"llama-8b-1", "llama-8b-2"}  # streams 2 and 3 carry the trace
