@@ -90,6 +90,24 @@ def assign_models(trace: list[TraceRequest], models: list[str], streams: list[in
     return [(r, rng.choices(models, weights)[0]) for r in trace]
 
 
+def add_trace_arguments(parser: argparse.ArgumentParser, duration_s: float, max_output: int) -> None:
+    """The options that say what is replayed: trace, streams or popularity law, rate scales, SLO scale."""
+    parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
+    parser.add_argument("--streams", type=int, nargs="*", default=None, help="Arena streams mapped to the models in order")
+    parser.add_argument("--alpha", type=float, default=1.0, help="popularity exponent for traces without streams")
+    parser.add_argument("--rate-scales", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--duration", type=float, default=duration_s, help="seconds replayed per rate scale")
+    parser.add_argument("--slo-scale", type=float, default=5.0)
+    parser.add_argument("--max-output", type=int, default=max_output, help="cap on a request's output tokens")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def trace_jobs(args: argparse.Namespace, models: list[str]) -> list[tuple[TraceRequest, str]]:
+    """The trace of `add_trace_arguments`' options, outputs capped, as (request, model) pairs."""
+    trace = [TraceRequest(r.time_s, r.stream, r.prompt_len, min(r.output_len, args.max_output)) for r in load_trace(args.trace)]
+    return assign_models(trace, models, args.streams, args.alpha, args.seed)
+
+
 # --- one request -------------------------------------------------------------------------------------
 
 
@@ -376,29 +394,21 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, help="with --config: override the registry's share of each GPU")
     parser.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
                         help="with --config: workers finish each step before planning the next (scheduler.overlap_steps: false)")
-    parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
     parser.add_argument("--models", nargs="+", help="model names (default: the registry's, in order)")
-    parser.add_argument("--streams", type=int, nargs="*", default=None, help="Arena streams mapped to --models in order")
-    parser.add_argument("--alpha", type=float, default=1.0, help="popularity exponent for traces without streams")
-    parser.add_argument("--rate-scales", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--duration", type=float, default=60.0, help="wall seconds replayed per rate scale")
+    add_trace_arguments(parser, duration_s=60.0, max_output=512)
     parser.add_argument("--warmup", type=float, default=0.0, help="wall seconds replayed first, not measured")
-    parser.add_argument("--slo-scale", type=float, default=5.0)
     parser.add_argument("--slos", type=Path, help="JSON of dedicated P95s (else --calibrate measures them)")
     parser.add_argument("--calibrate", type=int, default=10, help="requests per model for the dedicated P95")
-    parser.add_argument("--max-output", type=int, default=512, help="cap on a request's output tokens")
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--card", default=None, help="device name for the results (default: torch's, or cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "replay.json")
     args = parser.parse_args()
 
-    trace = [TraceRequest(r.time_s, r.stream, r.prompt_len, min(r.output_len, args.max_output)) for r in load_trace(args.trace)]
     if args.config is not None and not args.models:
         import yaml
 
         args.models = [m["name"] for m in yaml.safe_load(args.config.read_text())["models"]]
-    jobs = assign_models(trace, args.models, args.streams, args.alpha, args.seed)
+    jobs = trace_jobs(args, args.models)
     slos = json.loads(args.slos.read_text()) if args.slos else None
     result = {"benchmark": "replay", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
               "card": args.card or _card(), "trace": args.trace.name, "models": args.models, "streams": args.streams,

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from benchmarks.replay import Result, TraceRequest, assign_models, highest_scale, load_trace, plot, summarize  # noqa: E402
+from benchmarks.replay import Result, TraceRequest, add_trace_arguments, highest_scale, plot, summarize, trace_jobs  # noqa: E402
 from scheduler.local import LocalScheduler, ModelQueue, StepPlan  # noqa: E402
 from scheduler.prefill_order import PrefillSpeed  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
@@ -203,21 +203,13 @@ def main() -> None:
     parser.add_argument("--host", action="store_true", help="model the host too: engine work plus the scheduler's measured time")
     parser.add_argument("--host-engine-ms", type=float, default=Host.engine_s * 1e3)
     parser.add_argument("--host-scheduler-scale", type=float, default=1.0, help="scale the scheduler's measured time (faster host: < 1)")
-    parser.add_argument("--trace", type=Path, default=ROOT.parent / "shared" / "traces" / "arena_multimodel.csv")
-    parser.add_argument("--streams", type=int, nargs="*", default=None)
-    parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--rate-scales", type=float, nargs="+", default=[1.0])
-    parser.add_argument("--duration", type=float, default=25.0)
-    parser.add_argument("--slo-scale", type=float, default=5.0)
-    parser.add_argument("--max-output", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+    add_trace_arguments(parser, duration_s=25.0, max_output=256)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "simulate.json")
     args = parser.parse_args()
 
     registry = yaml.safe_load(args.config.read_text())
     models = [SimModel.from_registry(entry, args.config.parent) for entry in registry["models"]]
-    trace = [TraceRequest(r.time_s, r.stream, r.prompt_len, min(r.output_len, args.max_output)) for r in load_trace(args.trace)]
-    jobs = assign_models(trace, [m.name for m in models], args.streams, args.alpha, args.seed)
+    jobs = trace_jobs(args, [m.name for m in models])
     slos = json.loads(args.slos.read_text())
     slos = slos.get("dedicated_p95", slos)
     device = Device()
