@@ -57,11 +57,8 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit(2) from None
     app = create_app(registry, cache_dir, server)
     host, port = registry.server.host, registry.server.port
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock = listening_socket(host, port)
     except OSError as exc:
         print(f"prism: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -69,6 +66,21 @@ def serve(args: argparse.Namespace) -> None:
     print(f"prism-serve listening on http://{host}:{port} (models: {', '.join(catalog)})", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30, log_config=None)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The HTTP server's socket, bound (port 0: a free one).
+
+    Made with protocol IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    connections whose socket says TCP. With Nagle on, a response written in two parts (headers, body)
+    waited for the client's delayed ACK: about 40 ms on every request after a connection's first.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.bind((host, port))
+    return sock
 
 
 def prep(args: argparse.Namespace) -> None:
