@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.replay import Result, TraceRequest, add_trace_arguments, highest_scale, plot, summarize, trace_jobs  # noqa: E402
@@ -41,7 +42,7 @@ from scheduler.prefill_order import PrefillSpeed  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.weights.arch import Arch  # noqa: E402
 
-BF16_BYTES = 2
+DTYPE = torch.bfloat16  # the dummy-weight models of the GPU runs
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,7 @@ class SimModel:
     def from_registry(cls, entry: dict, config_dir: Path) -> SimModel:
         arch = Arch.from_hf_config(json.loads((config_dir / entry["config"]).read_text()))
         params = arch.num_parameters()
-        kv_per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * BF16_BYTES
-        return cls(entry["name"], params * BF16_BYTES, kv_per_token, 2.0 * params, arch.num_layers,
+        return cls(entry["name"], params * DTYPE.itemsize, arch.kv_bytes_per_token(DTYPE), 2.0 * params, arch.num_layers,
                    entry.get("max_num_seqs", 256), entry.get("max_num_batched_tokens", 2048))
 
     def step_s(self, plan: StepPlan, device: Device) -> float:

@@ -75,8 +75,12 @@ class StepLoop:
         self._in_flight: _Launched | None = None
         self.num_steps = 0
         self.num_overlapped = 0  # steps launched while another was still running
-        self.device_busy_s = 0.0  # the finished steps' device time (host gaps inside a step included)
         self.counts: dict[str, StepCounts] = {}  # per model
+
+    @property
+    def device_busy_s(self) -> float:
+        """The finished steps' device time, all models (host gaps inside a step included)."""
+        return sum(c.device_s for c in self.counts.values())
 
     def advance(self) -> list[StepOutcome]:
         """Launch the next step if one can run, then finish the one launched before (if any)."""
@@ -108,7 +112,6 @@ class StepLoop:
         return [StepOutcome(plan, sampled, self.scheduler.update(plan, sampled, device_s=device_s))]
 
     def _count(self, plan: StepPlan, device_s: float) -> None:
-        self.device_busy_s += device_s
         counts = self.counts.setdefault(plan.model, StepCounts())
         counts.steps += 1
         counts.tokens += sum(c.num_new_tokens for c in plan.chunks)
