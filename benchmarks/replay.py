@@ -37,6 +37,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from workers.gc_heap import GcPauses, freeze_heap  # noqa: E402
+from workers.messages import GC_PAUSE_BUCKETS_S, GcStats  # noqa: E402
+
+CLIENT_GC = GcPauses()  # the replaying process's own collections: installed by main(), recorded per point
+
 
 @dataclass(frozen=True)
 class TraceRequest:
@@ -297,18 +302,62 @@ STEP_COUNTERS = {  # /metrics counter -> its name in a point's "steps" (per mode
 SCHEDULER_GAUGES = {"prism:prefill_speed_estimate_tokens_per_second": "prefill_speed_estimate"}  # read at the end
 
 
-def worker_counters(base_url: str) -> dict[tuple[str, str], float]:
-    """The workers' step counters so far and the schedulers' gauges now (`/metrics`, as of the workers' last
-    heartbeat): (name, device or model) -> value."""
+def worker_counters(text: str) -> dict[tuple[str, str], float]:
+    """The workers' step counters so far and the schedulers' gauges now (`/metrics` text, as of the workers'
+    last heartbeat): (name, device or model) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = httpx.get(base_url + "/metrics", timeout=30).text
     return {
         (family.name, sample.labels.get("device") or sample.labels["model_name"]): sample.value
         for family in text_string_to_metric_families(text)
         if family.name in ("prism:device_busy_seconds", *STEP_COUNTERS, *SCHEDULER_GAUGES)
         for sample in family.samples if sample.name.endswith("_total") or family.name in SCHEDULER_GAUGES
     }
+
+
+def gc_stats(text: str) -> dict[str, GcStats]:
+    """Every server process's garbage collection pauses so far, from the `prism:gc_pause_seconds` histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    bounds = [*GC_PAUSE_BUCKETS_S, float("inf")]
+    cumulative: dict[str, list[list[float]]] = {}
+    sums: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "prism:gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            process, generation = sample.labels["process"], int(sample.labels["generation"])
+            cumulative.setdefault(process, [[0.0] * len(bounds) for _ in range(3)])
+            sums.setdefault(process, [0.0, 0.0, 0.0])
+            if sample.name.endswith("_bucket"):
+                cumulative[process][generation][bounds.index(float(sample.labels["le"]))] = sample.value
+            elif sample.name.endswith("_sum"):
+                sums[process][generation] = sample.value
+    return {
+        process: GcStats([[int(c - p) for c, p in zip(counts, [0.0, *counts[:-1]])] for counts in per_gen], sums[process], 0)
+        for process, per_gen in cumulative.items()
+    }
+
+
+def gc_summary(before: dict[str, GcStats], after: dict[str, GcStats]) -> dict[str, dict]:
+    """Per process, the collections of one point: how many (full ones apart), their pause in all, how many
+    paused over 10 ms, and the bucket bound under which the longest pause fell."""
+    bounds = [*GC_PAUSE_BUCKETS_S, float("inf")]
+    over_10ms = bounds.index(0.01) + 1
+    summary = {}
+    for process, stats in sorted(after.items()):
+        old = before.get(process)
+        counts = [[n - (old.pause_counts[g][b] if old else 0) for b, n in enumerate(per_gen)] for g, per_gen in enumerate(stats.pause_counts)]
+        by_bucket = [sum(per_gen[b] for per_gen in counts) for b in range(len(bounds))]
+        longest = max((b for b, n in enumerate(by_bucket) if n), default=None)
+        summary[process] = {
+            "collections": sum(by_bucket),
+            "full_collections": sum(counts[2]),
+            "pause_s": round(sum(stats.pause_s) - (sum(old.pause_s) if old else 0.0), 4),
+            "pauses_over_10ms": sum(by_bucket[over_10ms:]),
+            "longest_pause_under_s": bounds[longest] if longest is not None else None,
+        }
+    return summary
 
 
 def step_summary(before: dict, after: dict, wall_s: float) -> tuple[dict, dict]:
@@ -339,19 +388,24 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list
         asyncio.run(replay(url, jobs, args.rate_scales[0], args.warmup, args.timeout, args.seed + 1))
     points = []
     for scale in args.rate_scales:
+        freeze_heap()  # this process's own full collections would delay the tokens it timestamps
         before = lifecycle_counts(url) if events else {}
-        counters_before = worker_counters(url)
+        metrics_before, client_gc_before = httpx.get(url + "/metrics", timeout=30).text, CLIENT_GC.stats()
         started = time.perf_counter()
         results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
         wall = time.perf_counter() - started
+        metrics_after, client_gc_after = httpx.get(url + "/metrics", timeout=30).text, CLIENT_GC.stats()
         summary = summarize(results, slos, args.slo_scale, wall)
         after = lifecycle_counts(url) if events else {}
         lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
-        busy, steps = step_summary(counters_before, worker_counters(url), wall)
-        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps, **summary})
+        busy, steps = step_summary(worker_counters(metrics_before), worker_counters(metrics_after), wall)
+        gc_pauses = gc_summary({**gc_stats(metrics_before), "client": client_gc_before}, {**gc_stats(metrics_after), "client": client_gc_after})
+        points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps,
+                       "gc": gc_pauses, **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
-              f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}", flush=True)
+              f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}, "
+              f"GC pauses over 10 ms {({p: g['pauses_over_10ms'] for p, g in gc_pauses.items()})}", flush=True)
     return points
 
 
@@ -403,6 +457,7 @@ def main() -> None:
     parser.add_argument("--card", default=None, help="device name for the results (default: torch's, or cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "replay.json")
     args = parser.parse_args()
+    CLIENT_GC.install()
 
     if args.config is not None and not args.models:
         import yaml

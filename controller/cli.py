@@ -8,6 +8,7 @@ import socket
 import sys
 from pathlib import Path
 
+from workers.gc_heap import freeze_heap
 from workers.logs import configure_logging
 from controller.registry import Registry, RegistryError, default_registry_path, load_registry
 from workers.weights.prepare import default_cache_dir
@@ -65,6 +66,8 @@ def serve(args: argparse.Namespace) -> None:
     port = sock.getsockname()[1]
     print(f"prism-serve listening on http://{host}:{port} (models: {', '.join(catalog)})", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30, log_config=None)
+    # Imports, catalog and tokenizers live as long as the process: full collections need not walk them.
+    logger.info("start-up heap: %s", freeze_heap().describe())
     uvicorn.Server(config).run(sockets=[sock])
 
 

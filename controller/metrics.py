@@ -8,10 +8,13 @@ Each app has its own registry, so several servers can live in one process (tests
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+from workers.messages import GC_PAUSE_BUCKETS_S, GcStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -19,7 +22,8 @@ ACTIVATION_BUCKETS = (0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0
 
 
 class Metrics:
-    def __init__(self, state_source: Callable[[], Iterable] | None = None):
+    def __init__(self, state_source: Callable[[], Iterable] | None = None,
+                 gc_source: Callable[[], Iterable[tuple[str, GcStats]]] | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         labels = ["model_name"]
         r = self.registry
@@ -37,6 +41,8 @@ class Metrics:
         self.eviction_seconds = Histogram("prism:model_eviction_seconds", "Eviction time (drain included).", labels, buckets=ACTIVATION_BUCKETS, registry=r)
         if state_source is not None:
             self.registry.register(_StateCollector(state_source))
+        if gc_source is not None:
+            self.registry.register(_GcCollector(gc_source))
         self.attainment: dict[tuple[str, str], list[int]] = {}  # (model, slo) -> [met, missed], for the admin API
 
     def slo_attainment(self, model: str) -> dict[str, float | None]:
@@ -116,3 +122,24 @@ class _StateCollector:
             for model, count in pool.weight_pages_by_model.items():
                 model_pages.add_metric([device, model, "weights"], count)
         yield from (running, waiting, kv_usage, pages, model_pages, pending, busy, steps, step_tokens, step_seconds, preemptions, prefill_speed)
+
+
+class _GcCollector:
+    """The processes' garbage collection pauses (controller and workers), read at scrape time."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, GcStats]]]):
+        self.source = source
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        pauses = HistogramMetricFamily("prism:gc_pause_seconds", "Garbage collection pauses by process and generation.",
+                                       labels=["process", "generation"])
+        frozen = GaugeMetricFamily("prism:gc_frozen_objects", "Objects in the permanent generation, which collections skip.", labels=["process"])
+        bounds = [str(b) for b in GC_PAUSE_BUCKETS_S] + ["+Inf"]
+        for process, stats in self.source():
+            for generation, (counts, seconds) in enumerate(zip(stats.pause_counts, stats.pause_s)):
+                pauses.add_metric([process, str(generation)], list(zip(bounds, itertools.accumulate(counts))), seconds)
+            frozen.add_metric([process], stats.frozen_objects)
+        yield from (pauses, frozen)

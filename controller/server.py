@@ -26,6 +26,8 @@ from controller.registry_ops import RegistryOps
 from controller.serving import OpenAIServing
 from controller.worker_handle import WorkerHandle
 from memory.host_store import DEFAULT_ROOT
+from workers.gc_heap import GcPauses
+from workers.messages import GcStats
 
 logger = logging.getLogger("prism.controller")
 
@@ -58,7 +60,8 @@ class Server:
         self.channel: WorkerChannel | None = None
         self.workers: dict[str, WorkerHandle] = {}
         self.events = EventLog()
-        self.metrics = Metrics(self._metric_state)
+        self.gc_pauses = GcPauses()
+        self.metrics = Metrics(self._metric_state, self._gc_state)
         self.manager: ModelManager | None = None
         self.client: EngineClient | None = None
         self.serving: OpenAIServing | None = None
@@ -85,6 +88,7 @@ class Server:
         ]
 
     async def start(self) -> None:
+        self.gc_pauses.install()
         self.channel = WorkerChannel()
         self.channel.start()
         for device in self.devices:
@@ -113,6 +117,15 @@ class Server:
             by_device.setdefault(device or "none", {})[model] = count
         return [(device, worker.last_heartbeat, by_device.get(device, {})) for device, worker in self.workers.items()]
 
+    def _gc_state(self) -> list[tuple[str, GcStats]]:
+        """The garbage collectors of the controller and of every worker (as of its last heartbeat)."""
+        state = [("controller", self.gc_pauses.stats())]
+        for device, worker in self.workers.items():
+            beat = worker.last_heartbeat
+            if beat is not None and beat.gc is not None:
+                state.append((f"worker:{device}", beat.gc))
+        return state
+
     @staticmethod
     def _worker_report(worker: WorkerHandle) -> dict:
         report = {"state": worker.state, "pid": worker.pid, "restarts": worker.num_restarts, "device": worker.device}
@@ -134,5 +147,6 @@ class Server:
         await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
         if self.channel is not None:
             await self.channel.close()
+        self.gc_pauses.uninstall()
         for path in glob.glob(str(DEFAULT_ROOT / f"{self.store_prefix}*")):  # this server's weight images
             Path(path).unlink(missing_ok=True)

@@ -158,12 +158,24 @@ class PoolStats(msgspec.Struct):
     weight_pages_by_model: dict[str, int]
 
 
+GC_PAUSE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # upper bounds; then +Inf
+
+
+class GcStats(msgspec.Struct):
+    """A process's garbage collections since it started (`workers/gc_heap.py`), per generation 0, 1, 2."""
+
+    pause_counts: list[list[int]]  # [generation][bucket]: collections whose pause fell in each bucket (not cumulative)
+    pause_s: list[float]  # [generation]: their pause time in all
+    frozen_objects: int  # objects in the permanent generation, which collections skip
+
+
 class Heartbeat(msgspec.Struct, tag=True):
     worker_id: str
     models: list[ModelStats]
     pool: PoolStats
     num_steps: int
     device_busy_s: float = 0.0  # device time of all steps so far (CUDA events, host gaps inside a step included; wall time on the CPU)
+    gc: GcStats | None = None  # None from a worker that does not report it
 
 
 FromWorker = WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat

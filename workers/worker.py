@@ -23,6 +23,7 @@ from scheduler.local import LocalScheduler
 from scheduler.sequence import Sequence
 from workers import messages as m
 from workers.engine.engine import Engine, NotEnoughMemory
+from workers.gc_heap import GcPauses, collect_frozen, freeze_heap
 from workers.step_loop import StepCounts, StepLoop, StepOutcome, model_queue
 
 logger = logging.getLogger("prism.worker")
@@ -59,6 +60,7 @@ class Worker:
         self.scheduler = LocalScheduler(local_policy)
         self.engines: dict[str, Engine] = {}
         self.steps = StepLoop(self.scheduler, self.engines, overlap)
+        self.gc_pauses = GcPauses().install()
         self.stopping = False
         self._last_heartbeat = 0.0
         self._context = zmq.Context()
@@ -78,6 +80,7 @@ class Worker:
     # --- main loop --------------------------------------------------------------------------------
 
     def run(self) -> None:
+        logger.info("start-up heap: %s", freeze_heap().describe())  # full collections would walk it every time
         self._send(m.WorkerReady(self.worker_id, str(self.device), os.getpid(), self.pool.budget_pages * self.pool.page_bytes))
         try:
             while not self.stopping:
@@ -91,6 +94,7 @@ class Worker:
             self.store.drop_all()
             self._socket.close()
             self._context.term()
+            self.gc_pauses.uninstall()
 
     def _drain_inbox(self, timeout_ms: int) -> None:
         if not self._socket.poll(timeout_ms):
@@ -149,7 +153,7 @@ class Worker:
         eviction: messages arrive in order, so the controller never sees a model state change before the
         memory that goes with it (its device view would lag by up to a heartbeat interval)."""
         self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps,
-                               self.steps.device_busy_s))
+                               self.steps.device_busy_s, self.gc_pauses.stats()))
 
     def _trim_idle_models(self) -> None:
         """Give the empty KV pages of models with no work back to the pool (hysteresis is for bursts)."""
@@ -186,6 +190,8 @@ class Worker:
             "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
             spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,
         )
+        # A new engine's modules and graphs live as long as it does (after a re-activation this walks little).
+        logger.info("after activating %s: %s", spec.name, freeze_heap().describe())
         self._send_state()
         self._send(self._activated(engine))
 
@@ -227,6 +233,8 @@ class Worker:
         engine = self.engines.pop(name, None)
         if engine is not None:
             engine.close()
+            del engine
+            collect_frozen()  # its objects were frozen at activation: reference cycles among them are freed now
 
     def _on_generate(self, message: m.Generate) -> None:
         engine = self.engines.get(message.model)

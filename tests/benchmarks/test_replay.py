@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.replay import Result, TraceRequest, assign_models, load_trace, policy_registry, step_summary, summarize, wilson_interval
+from benchmarks.replay import (
+    Result, TraceRequest, assign_models, gc_stats, gc_summary, load_trace, policy_registry, step_summary, summarize, wilson_interval,
+)
+from controller.metrics import Metrics
+from workers.messages import GC_PAUSE_BUCKETS_S, GcStats
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,6 +104,29 @@ def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     assert all(0.0 <= m["attainment"] <= 1.0 for m in point["per_model"].values())
     assert set(result["dedicated_p95"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert all(len(p95["samples"]) == 2 and all(s["ttft_s"] > 0 for s in p95["samples"]) for p95 in result["dedicated_p95"].values())
+    assert set(point["gc"]) == {"client", "controller", "worker:cpu"}  # every process that timestamps or serves a token
+    assert all(0 <= g["full_collections"] <= g["collections"] and 0 <= g["pauses_over_10ms"] <= g["collections"]
+               for g in point["gc"].values())
+
+
+def _gc(full_pauses_s: list[float], young: int) -> GcStats:
+    counts = [[0] * (len(GC_PAUSE_BUCKETS_S) + 1) for _ in range(3)]
+    counts[0][0] = young
+    for pause in full_pauses_s:
+        counts[2][next(i for i, bound in enumerate(GC_PAUSE_BUCKETS_S) if pause <= bound)] += 1
+    return GcStats(counts, [0.0001 * young, 0.0, sum(full_pauses_s)], 0)
+
+
+def test_gc_summary_of_a_point_from_the_servers_histogram_and_the_clients_own_counts():
+    before = {"worker:cuda:0": _gc([0.12], young=100), "client": _gc([], young=5)}
+    after = {"worker:cuda:0": _gc([0.12, 0.003, 0.2], young=900), "client": _gc([0.02], young=8)}
+    text = Metrics(None, lambda: [("worker:cuda:0", after["worker:cuda:0"])]).render().decode()
+    assert gc_stats(text)["worker:cuda:0"].pause_counts == after["worker:cuda:0"].pause_counts  # the histogram read back
+    summary = gc_summary(before, {**gc_stats(text), "client": after["client"]})
+    assert summary["worker:cuda:0"] == {"collections": 802, "full_collections": 2, "pause_s": pytest.approx(0.283),
+                                        "pauses_over_10ms": 1, "longest_pause_under_s": 0.25}
+    assert summary["client"] == {"collections": 4, "full_collections": 1, "pause_s": pytest.approx(0.0203),
+                                 "pauses_over_10ms": 1, "longest_pause_under_s": 0.025}
 
 
 def test_step_summary_turns_counter_deltas_into_per_model_step_figures():

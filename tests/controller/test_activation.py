@@ -190,3 +190,16 @@ def test_metrics_count_activations_and_evictions(server):
     assert 'prism:device_busy_seconds_total{device="cpu"}' in text
     assert 'prism:model_steps_total{model_name="smol-a"}' in text and "prism:num_preemptions_total" in text
     assert 'prism:prefill_speed_estimate_tokens_per_second{model_name="smol-a"}' in text
+
+
+def test_controller_and_worker_freeze_their_start_up_heaps(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base_url + "/metrics").text
+    samples = {(s.name, s.labels.get("process"), s.labels.get("generation")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples if family.name.startswith("prism:gc_")}
+    for process in ("controller", "worker:cpu"):
+        assert samples[("prism:gc_frozen_objects", process, None)] > 10_000  # torch / transformers / FastAPI, out of full passes
+        assert samples[("prism:gc_pause_seconds_count", process, "0")] > 0  # the collector still runs over what is new
+    assert samples[("prism:gc_pause_seconds_count", "worker:cpu", "2")] >= 2  # the freeze's own full passes, counted
+    assert "start-up heap: froze" in server.log()
