@@ -66,9 +66,15 @@ class KVSpace:
     reclaims idle pages when they run short) and saves maps: with one-page blocks (Llama-3.1-8B, 16 tokens
     bf16) and a random arrival/completion mix, 2 idle pages leave 85% of allocations mapping pages (p50
     170-190 us on the H100) and 16 leave 23% (p50 8-9 us); see benchmarks/pool.py.
+
+    `trim_on_free=False` leaves every page that `free` empties mapped and idle until the owner calls
+    `trim(idle_pages)` (or the pool reclaims it for another model). On a GPU an unmap first waits for
+    the device, so unmapping inside `free`, which the scheduler calls as a step's sequences finish while
+    the next step is already queued, made the host wait for that step; a worker trims between steps.
     """
 
-    def __init__(self, pool: PagePool, owner: str, block_bytes: int, max_blocks: int, idle_pages: int = 2):
+    def __init__(self, pool: PagePool, owner: str, block_bytes: int, max_blocks: int, idle_pages: int = 2,
+                 trim_on_free: bool = True):
         if block_bytes <= 0 or max_blocks <= 0 or idle_pages < 0:
             raise ValueError("block_bytes and max_blocks must be positive and idle_pages non-negative")
         self.pool = pool
@@ -76,6 +82,7 @@ class KVSpace:
         self.block_bytes = block_bytes
         self.max_blocks = max_blocks
         self.idle_pages = idle_pages
+        self.trim_on_free = trim_on_free
         self.vrange = pool.reserve_range(owner, MemoryKind.KV, block_bytes * max_blocks)
         self._states = bytearray([_UNBACKED]) * max_blocks
         self._ready = _StateHeap(self._states, _READY, [])
@@ -161,7 +168,7 @@ class KVSpace:
         return block_ids
 
     def free(self, block_ids: list[int]) -> None:
-        """Free blocks; pages left empty are unmapped beyond the hysteresis allowance."""
+        """Free blocks; pages left empty are unmapped beyond the hysteresis allowance (with `trim_on_free`)."""
         self._check_open()
         if len(set(block_ids)) != len(block_ids):
             raise ValueError(f"duplicate block ids freed in {self.owner}")
@@ -176,7 +183,8 @@ class KVSpace:
                 if self._page_refs[p] == 0:
                     self._idle.add(p)
         self._num_ready += len(block_ids)
-        self.trim(self.idle_pages)
+        if self.trim_on_free:
+            self.trim(self.idle_pages)
         self._compact()
 
     def trim(self, keep_idle_pages: int = 0) -> int:

@@ -46,11 +46,16 @@ class FreezeReport:
                 f"before the freeze and {self.full_pause_after_s * 1e3:.1f} ms after")
 
 
+_frozen_objects = 0  # as of the last freeze: counting them again walks the whole permanent generation
+
+
 def freeze_heap() -> FreezeReport:
     """Collect garbage, then freeze what survives (everything alive now is taken to live for good)."""
+    global _frozen_objects
     before_s = _timed_collection()
     gc.freeze()
-    return FreezeReport(gc.get_freeze_count(), before_s, _timed_collection())
+    _frozen_objects = gc.get_freeze_count()
+    return FreezeReport(_frozen_objects, before_s, _timed_collection())
 
 
 def collect_frozen() -> FreezeReport:
@@ -86,7 +91,9 @@ class GcPauses:
             gc.callbacks.remove(self._on_gc)
 
     def stats(self) -> GcStats:
-        return GcStats([list(c) for c in self.pause_counts], list(self.pause_s), gc.get_freeze_count())
+        """Cheap: the frozen count is the one recorded at the last freeze. `gc.get_freeze_count()` walks the
+        permanent generation; on an H200 worker with eight models that stalled every heartbeat by ~54 ms."""
+        return GcStats([list(c) for c in self.pause_counts], list(self.pause_s), _frozen_objects)
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":

@@ -144,7 +144,7 @@ class Worker:
             self.stopping = True
             return
         self._finish_running_step()  # trimming unmaps pages: not under a running kernel
-        self._trim_idle_models()
+        self._trim_kv()
         self.pool.replenish_reserve()
         self._send_state()
 
@@ -155,11 +155,12 @@ class Worker:
         self._send(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps,
                                self.steps.device_busy_s, self.gc_pauses.stats()))
 
-    def _trim_idle_models(self) -> None:
-        """Give the empty KV pages of models with no work back to the pool (hysteresis is for bursts)."""
+    def _trim_kv(self) -> None:
+        """Give empty KV pages back to the pool: all of a model with no work (hysteresis is for bursts), the
+        ones beyond its hysteresis for the others (on a GPU, `free` leaves them to this: see KVSpace)."""
         for name, queue in self.scheduler.queues.items():
-            if not queue.running and not queue.waiting:
-                self.engines[name].kv.trim(0)
+            kv = self.engines[name].kv
+            kv.trim(kv.idle_pages if queue.running or queue.waiting else 0)
 
     # --- handlers ---------------------------------------------------------------------------------
 

@@ -87,6 +87,23 @@ def test_hysteresis_keeps_idle_pages_and_trim_gives_them_back():
     rig.assert_consistent()
 
 
+def test_without_trim_on_free_emptied_pages_wait_for_trim_and_stay_reclaimable():
+    """A GPU worker's spaces: `free` never unmaps (an unmap waits for the device), `trim` does, between steps."""
+    rig = make_rig(page_bytes=PAGE, budget_pages=6)
+    space = KVSpace(rig.pool, "a", 4 * KIB, 64, idle_pages=1, trim_on_free=False)
+    space.free(space.allocate(16))  # 4 pages empty out
+    assert (space.num_mapped_pages, space.num_idle_pages) == (4, 4) and rig.pool.snapshot().num_pages_unmapped_total == 0
+    assert space.allocate(8) is not None and rig.pool.snapshot().num_pages_mapped_total == 4, "reused without a map"
+    space.free(list(range(8)))
+    other = make_space(rig, "b")
+    assert other.allocate(16) is not None, "4 pages: the 2 free ones and 2 of a's idle ones, reclaimed"
+    assert space.num_idle_pages == 2
+    assert space.trim(space.idle_pages) == 1 and space.num_mapped_pages == 1  # what the worker's heartbeat does
+    space.audit()
+    other.audit()
+    rig.assert_consistent()
+
+
 def test_shortage_returns_none_and_changes_nothing():
     rig = make_rig(page_bytes=PAGE, budget_pages=3)
     space = make_space(rig, max_blocks=64)

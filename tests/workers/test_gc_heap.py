@@ -63,6 +63,15 @@ def test_a_cycle_frozen_and_dropped_waits_for_collect_frozen(thawed):
     assert gc.get_freeze_count() > 0  # and the rest is frozen again
 
 
+def test_stats_report_the_count_recorded_at_the_freeze_without_walking_the_frozen_heap(thawed):
+    """Regression: stats() called gc.get_freeze_count(), which walks every frozen object, once a heartbeat."""
+    recorded = freeze_heap().frozen_objects
+    extra = [[i] for i in range(1000)]
+    gc.freeze()  # frozen behind gc_heap's back: a walk would count these, the recorded figure does not
+    assert gc.get_freeze_count() >= recorded + len(extra)
+    assert GcPauses().stats().frozen_objects == recorded
+
+
 def test_metrics_render_gc_pauses_as_a_prometheus_histogram():
     counts = [[0] * (len(GC_PAUSE_BUCKETS_S) + 1) for _ in range(3)]
     counts[0][0] = 40  # forty young collections under 1 ms

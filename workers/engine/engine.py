@@ -127,7 +127,9 @@ class Engine:
         max_blocks = max(1, pool.budget_pages * pool.page_bytes // block_bytes)
         idle_pages = 16 if block_bytes >= pool.page_bytes // 2 else 2  # big blocks: avoid a map per block
         self.weights = pool.reserve_range(spec.name, MemoryKind.WEIGHTS, self.weight_bytes)
-        self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks, idle_pages=idle_pages)
+        # On a GPU an unmap waits for the device: pages emptied by finished sequences are unmapped by the
+        # worker between steps (`trim`), not inside the scheduler's update while the next step runs.
+        self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks, idle_pages=idle_pages, trim_on_free=device.type != "cuda")
         self.kv_cache = self.kv.tensor(self.dtype, self.kv_block_shape)
         self.allocator = CappedKV(self.kv, spec.kv_budget_bytes // block_bytes) if spec.kv_budget_bytes else self.kv
         self.sampler = Sampler(device, seed=None)
