@@ -249,7 +249,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def policy_registry(config: Path, policy: str, slos: dict | None, slo_scale: float, gpu_memory_utilization: float | None = None,
-                    overlap_steps: bool = True) -> dict:
+                    overlap_steps: bool = True, tpot_target: str | None = None) -> dict:
     """The registry `config` with `policy`, the measured SLOs written in (so the scheduler knows them) and,
     when given, another share of the GPU for the pool (to replay a smaller card's memory on a larger one)."""
     import yaml
@@ -257,6 +257,8 @@ def policy_registry(config: Path, policy: str, slos: dict | None, slo_scale: flo
     registry = yaml.safe_load(config.read_text())
     registry.setdefault("scheduler", {})["policy"] = policy
     registry["scheduler"]["overlap_steps"] = overlap_steps
+    if tpot_target is not None:
+        registry["scheduler"]["tpot_target"] = tpot_target
     registry.setdefault("server", {})["admin_token_env"] = "PRISM_REPLAY_ADMIN_TOKEN"
     if gpu_memory_utilization is not None:
         registry.setdefault("memory", {})["gpu_memory_utilization"] = gpu_memory_utilization
@@ -448,6 +450,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, help="with --config: override the registry's share of each GPU")
     parser.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
                         help="with --config: workers finish each step before planning the next (scheduler.overlap_steps: false)")
+    parser.add_argument("--tpot-target", choices=["token", "request"], help="with --config: scheduler.tpot_target (default: the registry's)")
     parser.add_argument("--models", nargs="+", help="model names (default: the registry's, in order)")
     add_trace_arguments(parser, duration_s=60.0, max_output=512)
     parser.add_argument("--warmup", type=float, default=0.0, help="wall seconds replayed first, not measured")
@@ -467,7 +470,8 @@ def main() -> None:
     slos = json.loads(args.slos.read_text()) if args.slos else None
     result = {"benchmark": "replay", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
               "card": args.card or _card(), "trace": args.trace.name, "models": args.models, "streams": args.streams,
-              "slo_scale": args.slo_scale, "duration_s": args.duration, "overlap_steps": args.overlap_steps, "policies": {}}
+              "slo_scale": args.slo_scale, "duration_s": args.duration, "overlap_steps": args.overlap_steps,
+              "tpot_target": args.tpot_target, "policies": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.url:
         slos = slos or asyncio.run(calibrate(args.url, args.models, jobs, args.calibrate, args.timeout))
@@ -486,7 +490,8 @@ def main() -> None:
         result["dedicated_p95"] = slos
         for policy in args.policies:
             print(f"policy {policy}: starting the server", flush=True)
-            registry = policy_registry(args.config, policy, slos, args.slo_scale, args.gpu_memory_utilization, args.overlap_steps)
+            registry = policy_registry(args.config, policy, slos, args.slo_scale, args.gpu_memory_utilization, args.overlap_steps,
+                                       args.tpot_target)
             server = start_policy_server(registry, policy, args.out.parent)
             try:
                 result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True)

@@ -1,6 +1,6 @@
 """Replay a trace through the real local scheduler on a modelled device: no GPU, no server, seconds of CPU.
 
-    python benchmarks/simulate.py --config configs/prism-8models.yaml --kv-gb 8.5 \
+    python benchmarks/simulate.py --config configs/prism-8models.yaml --kv-gb 10.9 \
         --slos slos.json --streams 2 14 3 10 5 19 23 24 --rate-scales 8 16 24 --out sim.json
 
 What is real: `LocalScheduler` and its policies (prism, or fcfs with per-model KV caps for `static`),
@@ -132,12 +132,15 @@ class OracleSpeed(PrefillSpeed):
 
 def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], policy: str, kv_bytes: int, slos: dict,
              slo_scale: float, rate_scale: float, duration_s: float, device: Device, oracle: bool = False,
-             host: Host | None = None, block_size: int = 16) -> dict:
+             host: Host | None = None, block_size: int = 16, overlap: bool = True, tpot_target: str = "token") -> dict:
     """One point: the jobs arriving within `duration_s` at `rate_scale`, run to the end; `replay.summarize`'s output.
 
-    Deterministic without `host`; with it, the scheduler's own wall time enters the step times."""
+    `overlap` (the worker's default; not with `host`): the next step is planned while one runs and starts
+    when it ends, so the running step's model is never planned next, as in `workers/step_loop.py`.
+    Without it steps are planned one after another on the results of the last. Deterministic without
+    `host`; with it (serial), the scheduler's own wall time enters the step times."""
     speed = OracleSpeed({m.name: m.prefill_tokens_per_s(device) for m in models}) if oracle else PrefillSpeed()
-    scheduler = LocalScheduler("prism" if policy == "prism" else "fcfs", clock=lambda: 0.0, prefill_speed=speed)
+    scheduler = LocalScheduler("prism" if policy == "prism" else "fcfs", clock=lambda: 0.0, prefill_speed=speed, tpot_target=tpot_target)
     shared = ByteBudget(kv_bytes)
     for m in models:
         budget = shared if policy == "prism" else ByteBudget(kv_bytes // len(models))
@@ -150,30 +153,42 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
     arrivals = [(r.time_s / rate_scale, r, name) for r, name in jobs if r.time_s <= duration_s * rate_scale]
     seqs: list[Sequence] = []
     now, next_arrival = 0.0, 0
+    running: tuple[StepPlan, float] | None = None  # with overlap: the step on the device, and when it ends
     while next_arrival < len(arrivals) or scheduler.has_work():
         while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= now:
             seqs.append(_admit(scheduler, len(seqs), *arrivals[next_arrival]))
             next_arrival += 1
         started = time.perf_counter()
-        plan = scheduler.schedule(now)
+        plan = scheduler.schedule(now)  # with a step running, its model is skipped (as in the worker)
         scheduler_s = time.perf_counter() - started
+        if running is not None:  # `plan` was made while that step runs and starts when it ends
+            running_plan, now = running
+            scheduler.update(running_plan, _sampled(running_plan), now, device_s=by_name[running_plan.model].step_s(running_plan, device))
+            running = None if plan is None else (plan, now + by_name[plan.model].step_s(plan, device))
+            continue
         if plan is None:
             if next_arrival == len(arrivals):
                 raise RuntimeError("the scheduler has work but plans none: a deadlock")
             now = max(now, arrivals[next_arrival][0])
             continue
         step_s = by_name[plan.model].step_s(plan, device)
-        sampled = {c.seq.req_id: 1 for c in plan.chunks if c.samples}
+        if overlap and host is None:
+            running = (plan, now + step_s)
+            continue
         if host is None:
             now += step_s
-            scheduler.update(plan, sampled, now, device_s=step_s)
+            scheduler.update(plan, _sampled(plan), now, device_s=step_s)
             continue
         started = time.perf_counter()
-        scheduler.update(plan, sampled, now + step_s, device_s=step_s)  # stamps tokens at the device's end
+        scheduler.update(plan, _sampled(plan), now + step_s, device_s=step_s)  # stamps tokens at the device's end
         scheduler_s += time.perf_counter() - started
         now += max(step_s, host.engine_s + scheduler_s * host.scheduler_scale)
     results = [_result(seq) for seq in seqs]
     return {"rate_scale": rate_scale, "simulated_s": now, **summarize(results, slos, slo_scale, max(now, 1e-9))}
+
+
+def _sampled(plan: StepPlan) -> dict[str, int]:
+    return {c.seq.req_id: 1 for c in plan.chunks if c.samples}
 
 
 def _admit(scheduler: LocalScheduler, index: int, arrival_s: float, request: TraceRequest, model: str) -> Sequence:
@@ -197,10 +212,15 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True, help="registry: the models (shapes, limits), in order")
     parser.add_argument("--slos", type=Path, required=True,
                         help="dedicated P95s per model: a JSON of them, or a replay result holding them (dedicated_p95)")
-    parser.add_argument("--kv-gb", type=float, default=8.5, help="KV memory of the device, GB (after weights)")
+    parser.add_argument("--kv-gb", type=float, default=10.9,
+                        help="KV memory of the device, GB (after weights): 10.9 is the H200 replays' pool (70.18 GiB) less 64.5 GB of weights")
     parser.add_argument("--policies", nargs="+", default=["prism", "static"], choices=["prism", "static"])
     parser.add_argument("--prefill-speed", choices=["learned", "oracle"], default="learned")
-    parser.add_argument("--host", action="store_true", help="model the host too: engine work plus the scheduler's measured time")
+    parser.add_argument("--tpot-targets", nargs="+", choices=["token", "request"], default=["token"],
+                        help="scheduler.tpot_target of the prism policy: each one given is a run of its own")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="plan each step on the results of the last (a worker with scheduler.overlap_steps: false)")
+    parser.add_argument("--host", action="store_true", help="model the host too (serial steps): engine work plus the scheduler's measured time")
     parser.add_argument("--host-engine-ms", type=float, default=Host.engine_s * 1e3)
     parser.add_argument("--host-scheduler-scale", type=float, default=1.0, help="scale the scheduler's measured time (faster host: < 1)")
     add_trace_arguments(parser, duration_s=25.0, max_output=256)
@@ -216,18 +236,21 @@ def main() -> None:
     host = Host(args.host_engine_ms / 1e3, args.host_scheduler_scale) if args.host else None
     result = {"benchmark": "simulate", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
               "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb, "prefill_speed": args.prefill_speed,
+              "overlap": args.overlap and host is None,
               "trace": args.trace.name, "models": [m.name for m in models], "streams": args.streams, "slo_scale": args.slo_scale,
               "duration_s": args.duration, "policies": {}}
-    for policy in args.policies:
+    runs = [(policy, target) for policy in args.policies for target in (args.tpot_targets if policy == "prism" else ["token"])]
+    for policy, target in runs:
+        label = policy if target == "token" else f"{policy}, tpot_target={target}"
         points = []
         for scale in args.rate_scales:
             point = simulate(models, jobs, policy, int(args.kv_gb * 1e9), slos, args.slo_scale, scale, args.duration, device,
-                             oracle=args.prefill_speed == "oracle", host=host)
+                             oracle=args.prefill_speed == "oracle", host=host, overlap=args.overlap, tpot_target=target)
             o = point["overall"]
-            print(f"{policy:>7} scale {scale:>5g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, "
+            print(f"{label:>7} scale {scale:>5g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, "
                   f"TPOT att {o['tpot_attainment']:.3f}, goodput {o['goodput_rps']:.2f} req/s", flush=True)
             points.append(point)
-        result["policies"][policy] = points
+        result["policies"][label] = points
     result["highest_rate_scale_at_99pct_ttft"] = {p: highest_scale(points) for p, points in result["policies"].items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

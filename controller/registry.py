@@ -87,6 +87,11 @@ class SchedulerConfig(_Strict):
     """`swap` baseline: unload a model idle this long."""
     overlap_steps: bool = True
     """Workers prepare and launch one model's step while another model's step runs on the device."""
+    tpot_target: Literal["token", "request"] = "token"
+    """`prism` local policy: when a decode's next token is due. `token`: the last token plus the TPOT SLO.
+    `request`: as late as keeps the request's mean TPOT within the SLO; a request already behind gets
+    tokens at 5x the SLO under contention (it misses anyway), leaving the device to requests that can
+    still meet theirs."""
 
 
 class MemoryConfig(_Strict):

@@ -83,6 +83,7 @@ class Server:
             "--host-store-bytes", str(int(memory.host_store_bytes)),
             "--store-prefix", self.store_prefix,
             "--local-policy", local_policy,
+            "--tpot-target", self.registry.scheduler.tpot_target,
             "--log-format", self.log_format,
             *([] if self.registry.scheduler.overlap_steps else ["--no-overlap"]),
         ]

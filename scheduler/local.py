@@ -90,12 +90,14 @@ class LocalScheduler:
         *,
         clock: Callable[[], float] = time.time,
         prefill_speed: PrefillSpeed | None = None,
+        tpot_target: str = "token",
     ):
-        """`pick_model`: a policy name (`prism`, `fcfs`) or a legacy model-order callable (FCFS otherwise)."""
+        """`pick_model`: a policy name (`prism`, `fcfs`) or a legacy model-order callable (FCFS otherwise);
+        `tpot_target`: what the prism policy holds decodes' TPOT SLO to (`token`, `request`)."""
         self.queues: dict[str, ModelQueue] = {}
         self.clock = clock
         self.prefill_speed = prefill_speed if prefill_speed is not None else PrefillSpeed()
-        self.policy: LocalPolicy = make_local_policy(pick_model, self.prefill_speed)
+        self.policy: LocalPolicy = make_local_policy(pick_model, self.prefill_speed, tpot_target)
         self.num_steps = 0
         self._by_req_id: dict[str, Sequence] = {}
         self._in_flight: dict[str, float] = {}  # model whose step is running -> when it was planned

@@ -7,9 +7,14 @@ requests, and which running sequence gives its memory back under pressure.
   ordering drops (they would miss anyway) come after the ones that can still make it.
 - The model that steps next is the one whose most urgent work must start soonest: for a prefill that
   can still meet its TTFT, the deadline minus its predicted prefill time minus a safety margin (half
-  the TTFT SLO by default, so prefills do not start just in time); for a decode, the last token's
-  time plus the model's TPOT SLO (a step's own time is small and similar across models, so it is left
-  out). Prefills that are already late, or have no deadline, are best-effort: they run when the most
+  the TTFT SLO by default, so prefills do not start just in time); for a decode, when its next token
+  is due (a step's own time is small and similar across models, so it is left out). With
+  `tpot_target="token"` (default) that is the last token's time plus the model's TPOT SLO. With
+  `"request"` it follows the SLO's own definition, the mean gap over the request: a request ahead of
+  its mean may wait until its next token would bring the mean to the SLO, and one already behind (its
+  mean misses whatever comes next) progresses at `behind_factor` times the SLO, so that, as with
+  Moore-Hodgson for TTFT, requests that miss anyway do not make others miss too.
+  Prefills that are already late, or have no deadline, are best-effort: they run when the most
   urgent savable work can afford one of their steps, so they progress whenever slack exists and only
   wait under real overload (then they are exactly the requests Moore-Hodgson chose to sacrifice).
 - No starvation: Moore-Hodgson sacrifices late requests, and under sustained overload new on-time
@@ -96,9 +101,14 @@ class PrismPolicy:
 
     name = "prism"
 
-    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0, ttft_margin: float = 0.5):
+    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0, ttft_margin: float = 0.5, tpot_target: str = "token",
+                 behind_factor: float = 5.0):
+        if tpot_target not in TPOT_TARGETS:
+            raise ValueError(f"unknown tpot_target {tpot_target!r}; expected one of {TPOT_TARGETS}")
         self.speed = speed
         self.max_wait_s = max_wait_s
+        self.tpot_target = tpot_target
+        self.behind_factor = behind_factor
         # Aim to finish a prefill this share of its TTFT SLO before the deadline: starting just in time
         # turns every misprediction of step times into a miss.
         self.ttft_margin = ttft_margin
@@ -108,14 +118,20 @@ class PrismPolicy:
         # under load, so it reads fields directly instead of through properties.
         prefill_s: dict[Sequence, float] = {}  # predicted prefill seconds of those awaiting their first token
         decodes_start_by: dict[str, float] = {}  # model -> latest start of its most urgent decode
+        by_request = self.tpot_target == "request"
         for queue in queues:
             per_token_s = 1.0 / self.speed.tokens_per_s(queue.name)
-            oldest_last = math.inf  # the running decodes' oldest last token
+            tpot_slo_s = queue.tpot_slo_s
+            next_due = math.inf  # when the running decodes' most urgent next token is due
             for seq in queue.running:
                 if seq.output_token_ids:
-                    last = now if seq.last_token_s is None else seq.last_token_s
-                    if last < oldest_last:
-                        oldest_last = last
+                    due = (now if seq.last_token_s is None else seq.last_token_s) + tpot_slo_s
+                    if by_request and seq.first_token_s is not None:
+                        keeps_mean = seq.first_token_s + tpot_slo_s * len(seq.output_token_ids)
+                        # On track: as late as keeps the mean within the SLO. Behind: at a lower rate.
+                        due = max(due, keeps_mean) if keeps_mean >= now else due + (self.behind_factor - 1.0) * tpot_slo_s
+                    if due < next_due:
+                        next_due = due
                 else:
                     prefill_s[seq] = (len(seq.prompt_token_ids) - seq.num_computed_tokens) * per_token_s
             preempted_start_by = math.inf
@@ -126,7 +142,7 @@ class PrismPolicy:
                     preempted_start_by = min(preempted_start_by, last + queue.tpot_slo_s - uncomputed_s)
                 else:
                     prefill_s[seq] = uncomputed_s
-            decodes_start_by[queue.name] = min(oldest_last + queue.tpot_slo_s, preempted_start_by)
+            decodes_start_by[queue.name] = min(next_due, preempted_start_by)
         ordering = moore_hodgson(prefill_s, now, _ttft_deadline, prefill_s.__getitem__)
         late = set(ordering.late)
         oldest_start = now - self.max_wait_s  # arrived at or before this: starving
@@ -208,14 +224,16 @@ def _unique(queues: list[ModelQueue]) -> list[ModelQueue]:
 
 
 POLICIES = ("prism", "fcfs")
+TPOT_TARGETS = ("token", "request")
 
 
-def make_local_policy(pick_model: str | PickModel, speed: PrefillSpeed) -> LocalPolicy:
-    """A policy by name (`prism`, `fcfs`; `round_robin` is an alias of `fcfs`), or FCFS with a custom pick."""
+def make_local_policy(pick_model: str | PickModel, speed: PrefillSpeed, tpot_target: str = "token") -> LocalPolicy:
+    """A policy by name (`prism`, `fcfs`; `round_robin` is an alias of `fcfs`), or FCFS with a custom pick.
+    `tpot_target`: what prism holds a decode's TPOT SLO to (`token` or `request`, see PrismPolicy)."""
     if callable(pick_model):
         return FcfsPolicy(pick_model)
     if pick_model == "prism":
-        return PrismPolicy(speed)
+        return PrismPolicy(speed, tpot_target=tpot_target)
     if pick_model in ("fcfs", "round_robin"):
         return FcfsPolicy()
     raise ValueError(f"unknown local scheduling policy {pick_model!r}; expected one of {POLICIES}")

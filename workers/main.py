@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU share for the pool when no budget is given")
     parser.add_argument("--host-store-bytes", type=int, default=32 * 1024**3, help="host weight store budget (shared memory)")
     parser.add_argument("--local-policy", default="prism", choices=["prism", "fcfs"], help="step order across models")
+    parser.add_argument("--tpot-target", default="token", choices=["token", "request"],
+                        help="prism policy: a decode's TPOT SLO held per token or as the request's mean")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="wait for each step before planning the next (default: overlap models' steps)")
     parser.add_argument("--store-prefix", default="prism-weights-", help="file name prefix of this server's weight images")
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     pool = make_pool(args.device, args.budget_bytes, args.page_bytes, args.gpu_memory_utilization)
     pool.replenish_reserve()
     store = HostWeightStore(args.host_store_bytes, prefix=args.store_prefix)
-    worker = Worker(args.worker_id or args.device, args.device, args.controller, pool, store, args.parent_pid, args.local_policy, args.overlap)
+    worker = Worker(args.worker_id or args.device, args.device, args.controller, pool, store, args.parent_pid, args.local_policy, args.overlap,
+                    args.tpot_target)
     worker.run()
 
 

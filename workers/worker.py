@@ -51,13 +51,13 @@ def make_pool(device: str, budget_bytes: int, page_bytes: int, gpu_memory_utiliz
 
 class Worker:
     def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, store: HostWeightStore,
-                 parent_pid: int | None = None, local_policy: str = "prism", overlap: bool = True):
+                 parent_pid: int | None = None, local_policy: str = "prism", overlap: bool = True, tpot_target: str = "token"):
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.pool = pool
         self.store = store
         self.parent_pid = parent_pid
-        self.scheduler = LocalScheduler(local_policy)
+        self.scheduler = LocalScheduler(local_policy, tpot_target=tpot_target)
         self.engines: dict[str, Engine] = {}
         self.steps = StepLoop(self.scheduler, self.engines, overlap)
         self.gc_pauses = GcPauses().install()

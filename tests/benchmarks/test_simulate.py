@@ -57,10 +57,24 @@ def test_the_command_line_writes_a_result_per_policy_and_scale(tmp_path):
     out = tmp_path / "sim.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "simulate.py"), "--config", str(ROOT / "configs" / "prism-8models.yaml"),
                     "--slos", str(tmp_path / "slos.json"), "--trace", str(trace), "--streams", "2", "3", "4", "5", "6", "7", "8", "9",
-                    "--rate-scales", "1", "2", "--duration", "10", "--out", str(out)], check=True, capture_output=True, timeout=300)
+                    "--rate-scales", "1", "2", "--duration", "10", "--tpot-targets", "token", "request", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
-    assert set(result["policies"]) == {"prism", "static"}
+    assert set(result["policies"]) == {"prism", "prism, tpot_target=request", "static"}
     for points in result["policies"].values():
         assert [p["rate_scale"] for p in points] == [1.0, 2.0]
         assert points[0]["overall"]["requests"] == 12 and points[0]["overall"]["errors"] == 0
         assert set(points[0]["per_model"]) == {"llama-8b-1", "llama-8b-2"}  # streams 2 and 3 carry the trace
+
+
+def test_with_overlap_the_model_whose_step_runs_is_not_planned_next():
+    # m is always the more urgent (tight SLOs); n's prefill can only go first while m's step is on the device.
+    jobs = [(TraceRequest(0.0, 0, 100, 3), "m"), (TraceRequest(0.0, 0, 100, 3), "n")]
+    slos = {"m": {"ttft_p95_s": 0.2, "tpot_p95_s": 0.001}, "n": {"ttft_p95_s": 10.0, "tpot_p95_s": 1.0}}
+    prefill_s = (1e9 + 100 * 1000) / 1e12 + 2 * 1e-3 + 100 * 1e9 / 1e12
+    decode_s = [(1e9 + n * 1000) / 1e12 for n in (101, 102)]
+    overlapped = simulate([model("m"), model("n")], jobs, "prism", 10**9, slos, 1.0, 1.0, 10.0, DEVICE)
+    serial = simulate([model("m"), model("n")], jobs, "prism", 10**9, slos, 1.0, 1.0, 10.0, DEVICE, overlap=False)
+    assert overlapped["per_model"]["n"]["ttft_p50_s"] == pytest.approx(2 * prefill_s)  # right behind m's prefill
+    assert serial["per_model"]["n"]["ttft_p50_s"] == pytest.approx(2 * prefill_s + sum(decode_s))  # after m is done
+    assert overlapped["simulated_s"] == pytest.approx(serial["simulated_s"])  # the same steps, back to back

@@ -57,6 +57,14 @@ def test_bad_value_names_the_field(tmp_path):
     assert "model 'm1': field 'slo.ttft_s'" in message and "greater than 0" in message
 
 
+def test_scheduler_tpot_target_is_token_or_request(tmp_path):
+    model = "models: [{name: m1, load_format: dummy, config: c.json, tokenizer: /}]"
+    (tmp_path / "c.json").write_text("{}")
+    assert load_registry(write(tmp_path, "scheduler: {tpot_target: request}\n" + model)).scheduler.tpot_target == "request"
+    message = problems(tmp_path, "scheduler: {tpot_target: frame}\n" + model)
+    assert "scheduler.tpot_target" in message and "'token' or 'request'" in message
+
+
 def test_bad_sampling_default_names_the_field(tmp_path):
     message = problems(tmp_path, f"""
         models:

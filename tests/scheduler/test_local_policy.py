@@ -149,3 +149,38 @@ def test_the_ttft_margin_starts_a_prefill_early_instead_of_just_in_time():
     prefiller.waiting.append(seq)
     assert first_model(decoder, prefiller, ttft_margin=0.0) == "decoder"
     assert first_model(decoder, prefiller, ttft_margin=0.9) == "prefiller"  # must start by NOW+0.0: before the decode
+
+
+def streaming(req_id: str, model: str, first_token_s: float, last_token_s: float, num_tokens: int) -> Sequence:
+    seq = decoding(req_id, model, last_token_s, max_tokens=num_tokens + 50)
+    seq.output_token_ids, seq.first_token_s = [1] * num_tokens, first_token_s
+    return seq
+
+
+def first_by_target(tpot_target: str, *queues) -> str:
+    return PrismPolicy(PrefillSpeed(1000.0), tpot_target=tpot_target).order(list(queues), 0, NOW).models[0].name
+
+
+def test_a_request_ahead_of_its_mean_tpot_waits_for_one_that_is_not():
+    ahead, fresh = make_queue("ahead", tpot_slo_s=0.1), make_queue("fresh", tpot_slo_s=0.2)
+    # 50 tokens since NOW-1: the mean stays within 0.1 s until the next token comes as late as NOW+4.
+    ahead.running.append(streaming("a", "ahead", first_token_s=NOW - 1.0, last_token_s=NOW - 0.05, num_tokens=50))
+    fresh.running.append(streaming("f", "fresh", first_token_s=NOW - 0.05, last_token_s=NOW - 0.05, num_tokens=1))  # due NOW+0.15
+    assert first_by_target("token", ahead, fresh) == "ahead"  # its next token is due at NOW+0.05
+    assert first_by_target("request", ahead, fresh) == "fresh"
+
+
+def test_a_request_behind_its_mean_tpot_progresses_at_a_lower_rate():
+    behind, other = make_queue("behind", tpot_slo_s=0.1), make_queue("other", tpot_slo_s=0.2)
+    # 5 tokens since NOW-10: its mean misses 0.1 s whatever comes next; due at last + 5 x 0.1 = NOW+0.45.
+    behind.running.append(streaming("b", "behind", first_token_s=NOW - 10.0, last_token_s=NOW - 0.05, num_tokens=5))
+    other.running.append(streaming("o", "other", first_token_s=NOW - 0.1, last_token_s=NOW - 0.1, num_tokens=1))  # due NOW+0.1
+    assert first_by_target("token", behind, other) == "behind"  # due NOW+0.05
+    assert first_by_target("request", behind, other) == "other"
+    other.running[0].last_token_s = NOW + 0.3  # now due NOW+0.5: the one behind still goes first, just later
+    assert first_by_target("request", behind, other) == "behind"
+
+
+def test_an_unknown_tpot_target_is_refused():
+    with pytest.raises(ValueError, match="tpot_target"):
+        PrismPolicy(PrefillSpeed(1000.0), tpot_target="frame")
