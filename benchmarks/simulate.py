@@ -153,7 +153,7 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
     arrivals = [(r.time_s / rate_scale, r, name) for r, name in jobs if r.time_s <= duration_s * rate_scale]
     seqs: list[Sequence] = []
     now, next_arrival = 0.0, 0
-    running: tuple[StepPlan, float] | None = None  # with overlap: the step on the device, and when it ends
+    running: tuple[StepPlan, float, float] | None = None  # with overlap: the step on the device, its time and its end
     while next_arrival < len(arrivals) or scheduler.has_work():
         while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= now:
             seqs.append(_admit(scheduler, len(seqs), *arrivals[next_arrival]))
@@ -162,9 +162,13 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
         plan = scheduler.schedule(now)  # with a step running, its model is skipped (as in the worker)
         scheduler_s = time.perf_counter() - started
         if running is not None:  # `plan` was made while that step runs and starts when it ends
-            running_plan, now = running
-            scheduler.update(running_plan, _sampled(running_plan), now, device_s=by_name[running_plan.model].step_s(running_plan, device))
-            running = None if plan is None else (plan, now + by_name[plan.model].step_s(plan, device))
+            running_plan, running_s, now = running
+            scheduler.update(running_plan, _sampled(running_plan), now, device_s=running_s)
+            if plan is not None:
+                step_s = by_name[plan.model].step_s(plan, device)
+                running = (plan, step_s, now + step_s)
+            else:
+                running = None
             continue
         if plan is None:
             if next_arrival == len(arrivals):
@@ -173,7 +177,7 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
             continue
         step_s = by_name[plan.model].step_s(plan, device)
         if overlap and host is None:
-            running = (plan, now + step_s)
+            running = (plan, step_s, now + step_s)
             continue
         if host is None:
             now += step_s
