@@ -37,6 +37,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scheduler.local_policy import TPOT_TARGETS  # noqa: E402
 from workers.gc_heap import GcPauses, freeze_heap  # noqa: E402
 from workers.messages import GC_PAUSE_BUCKETS_S, GcStats  # noqa: E402
 
@@ -450,7 +451,7 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, help="with --config: override the registry's share of each GPU")
     parser.add_argument("--no-overlap", dest="overlap_steps", action="store_false",
                         help="with --config: workers finish each step before planning the next (scheduler.overlap_steps: false)")
-    parser.add_argument("--tpot-target", choices=["token", "request"], help="with --config: scheduler.tpot_target (default: the registry's)")
+    parser.add_argument("--tpot-target", choices=TPOT_TARGETS, help="with --config: scheduler.tpot_target (default: the registry's)")
     parser.add_argument("--models", nargs="+", help="model names (default: the registry's, in order)")
     add_trace_arguments(parser, duration_s=60.0, max_output=512)
     parser.add_argument("--warmup", type=float, default=0.0, help="wall seconds replayed first, not measured")

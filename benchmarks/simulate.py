@@ -38,6 +38,7 @@ import yaml  # noqa: E402
 
 from benchmarks.replay import Result, TraceRequest, add_trace_arguments, highest_scale, plot, summarize, trace_jobs  # noqa: E402
 from scheduler.local import LocalScheduler, ModelQueue, StepPlan  # noqa: E402
+from scheduler.local_policy import TPOT_TARGETS  # noqa: E402
 from scheduler.prefill_order import PrefillSpeed  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.weights.arch import Arch  # noqa: E402
@@ -220,7 +221,7 @@ def main() -> None:
                         help="KV memory of the device, GB (after weights): 10.9 is the H200 replays' pool (70.18 GiB) less 64.5 GB of weights")
     parser.add_argument("--policies", nargs="+", default=["prism", "static"], choices=["prism", "static"])
     parser.add_argument("--prefill-speed", choices=["learned", "oracle"], default="learned")
-    parser.add_argument("--tpot-targets", nargs="+", choices=["token", "request"], default=["token"],
+    parser.add_argument("--tpot-targets", nargs="+", choices=TPOT_TARGETS, default=["token"],
                         help="scheduler.tpot_target of the prism policy: each one given is a run of its own")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="plan each step on the results of the last (a worker with scheduler.overlap_steps: false)")

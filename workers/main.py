@@ -12,6 +12,8 @@ import faulthandler
 import signal
 import sys
 
+from scheduler.local_policy import TPOT_TARGETS
+
 
 def _die_with_parent() -> None:
     """Ask the kernel to SIGTERM this process when its parent exits, so no worker outlives its controller."""
@@ -31,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU share for the pool when no budget is given")
     parser.add_argument("--host-store-bytes", type=int, default=32 * 1024**3, help="host weight store budget (shared memory)")
     parser.add_argument("--local-policy", default="prism", choices=["prism", "fcfs"], help="step order across models")
-    parser.add_argument("--tpot-target", default="token", choices=["token", "request"],
+    parser.add_argument("--tpot-target", default="token", choices=TPOT_TARGETS,
                         help="prism policy: a decode's TPOT SLO held per token or as the request's mean")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="wait for each step before planning the next (default: overlap models' steps)")
