@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 
 from benchmarks.replay import Result, TraceRequest, add_trace_arguments, highest_scale, plot, summarize, trace_jobs  # noqa: E402
 from scheduler.local import LocalScheduler, ModelQueue, StepPlan  # noqa: E402
-from scheduler.local_policy import TPOT_TARGETS  # noqa: E402
+from scheduler.local_policy import DEFAULT_TPOT_TARGET, TPOT_TARGETS  # noqa: E402
 from scheduler.prefill_order import PrefillSpeed  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.weights.arch import Arch  # noqa: E402
@@ -133,7 +133,7 @@ class OracleSpeed(PrefillSpeed):
 
 def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], policy: str, kv_bytes: int, slos: dict,
              slo_scale: float, rate_scale: float, duration_s: float, device: Device, oracle: bool = False,
-             host: Host | None = None, block_size: int = 16, overlap: bool = True, tpot_target: str = "token") -> dict:
+             host: Host | None = None, block_size: int = 16, overlap: bool = True, tpot_target: str = DEFAULT_TPOT_TARGET) -> dict:
     """One point: the jobs arriving within `duration_s` at `rate_scale`, run to the end; `replay.summarize`'s output.
 
     `overlap` (the worker's default; not with `host`): the next step is planned while one runs and starts
@@ -221,7 +221,7 @@ def main() -> None:
                         help="KV memory of the device, GB (after weights): 10.9 is the H200 replays' pool (70.18 GiB) less 64.5 GB of weights")
     parser.add_argument("--policies", nargs="+", default=["prism", "static"], choices=["prism", "static"])
     parser.add_argument("--prefill-speed", choices=["learned", "oracle"], default="learned")
-    parser.add_argument("--tpot-targets", nargs="+", choices=TPOT_TARGETS, default=["token"],
+    parser.add_argument("--tpot-targets", nargs="+", choices=TPOT_TARGETS, default=[DEFAULT_TPOT_TARGET],
                         help="scheduler.tpot_target of the prism policy: each one given is a run of its own")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="plan each step on the results of the last (a worker with scheduler.overlap_steps: false)")
@@ -244,9 +244,9 @@ def main() -> None:
               "overlap": args.overlap and host is None,
               "trace": args.trace.name, "models": [m.name for m in models], "streams": args.streams, "slo_scale": args.slo_scale,
               "duration_s": args.duration, "policies": {}}
-    runs = [(policy, target) for policy in args.policies for target in (args.tpot_targets if policy == "prism" else ["token"])]
+    runs = [(policy, target) for policy in args.policies for target in (args.tpot_targets if policy == "prism" else [DEFAULT_TPOT_TARGET])]
     for policy, target in runs:
-        label = policy if target == "token" else f"{policy}, tpot_target={target}"
+        label = policy if target == DEFAULT_TPOT_TARGET else f"{policy}, tpot_target={target}"
         points = []
         for scale in args.rate_scales:
             point = simulate(models, jobs, policy, int(args.kv_gb * 1e9), slos, args.slo_scale, scale, args.duration, device,

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from scheduler.local_policy import LocalPolicy, PickModel, make_local_policy, round_robin
+from scheduler.local_policy import DEFAULT_TPOT_TARGET, LocalPolicy, PickModel, make_local_policy, round_robin
 from scheduler.prefill_order import PrefillSpeed
 from scheduler.sequence import Sequence, SeqStatus
 
@@ -90,7 +90,7 @@ class LocalScheduler:
         *,
         clock: Callable[[], float] = time.time,
         prefill_speed: PrefillSpeed | None = None,
-        tpot_target: str = "token",
+        tpot_target: str = DEFAULT_TPOT_TARGET,
     ):
         """`pick_model`: a policy name (`prism`, `fcfs`) or a legacy model-order callable (FCFS otherwise);
         `tpot_target`: what the prism policy holds decodes' TPOT SLO to (`token`, `request`)."""

@@ -9,8 +9,8 @@ requests, and which running sequence gives its memory back under pressure.
   can still meet its TTFT, the deadline minus its predicted prefill time minus a safety margin (half
   the TTFT SLO by default, so prefills do not start just in time); for a decode, when its next token
   is due (a step's own time is small and similar across models, so it is left out). With
-  `tpot_target="token"` (default) that is the last token's time plus the model's TPOT SLO. With
-  `"request"` it follows the SLO's own definition, the mean gap over the request: a request ahead of
+  `tpot_target="token"` that is the last token's time plus the model's TPOT SLO. With
+  `"request"` (default) it follows the SLO's own definition, the mean gap over the request: a request ahead of
   its mean may wait until its next token would bring the mean to the SLO, and one already behind (its
   mean misses whatever comes next) progresses at `behind_factor` times the SLO, so that, as with
   Moore-Hodgson for TTFT, requests that miss anyway do not make others miss too.
@@ -40,6 +40,10 @@ from scheduler.sequence import Sequence, SeqStatus
 
 if TYPE_CHECKING:
     from scheduler.local import ModelQueue
+
+POLICIES = ("prism", "fcfs")
+TPOT_TARGETS = ("token", "request")
+DEFAULT_TPOT_TARGET = "request"  # same-run H200 A/B: equal TTFT capacity, up to 1.9x goodput (benchmarks/NOTES.md)
 
 PickModel = Callable[[list["ModelQueue"], int], list["ModelQueue"]]
 """Legacy hook: given the queues and the step number, the models with work in the order to try them."""
@@ -101,7 +105,7 @@ class PrismPolicy:
 
     name = "prism"
 
-    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0, ttft_margin: float = 0.5, tpot_target: str = "token",
+    def __init__(self, speed: PrefillSpeed, max_wait_s: float = 30.0, ttft_margin: float = 0.5, tpot_target: str = DEFAULT_TPOT_TARGET,
                  behind_factor: float = 5.0):
         if tpot_target not in TPOT_TARGETS:
             raise ValueError(f"unknown tpot_target {tpot_target!r}; expected one of {TPOT_TARGETS}")
@@ -223,11 +227,7 @@ def _unique(queues: list[ModelQueue]) -> list[ModelQueue]:
     return result
 
 
-POLICIES = ("prism", "fcfs")
-TPOT_TARGETS = ("token", "request")
-
-
-def make_local_policy(pick_model: str | PickModel, speed: PrefillSpeed, tpot_target: str = "token") -> LocalPolicy:
+def make_local_policy(pick_model: str | PickModel, speed: PrefillSpeed, tpot_target: str = DEFAULT_TPOT_TARGET) -> LocalPolicy:
     """A policy by name (`prism`, `fcfs`; `round_robin` is an alias of `fcfs`), or FCFS with a custom pick.
     `tpot_target`: what prism holds a decode's TPOT SLO to (`token` or `request`, see PrismPolicy)."""
     if callable(pick_model):

@@ -12,7 +12,7 @@ import faulthandler
 import signal
 import sys
 
-from scheduler.local_policy import TPOT_TARGETS
+from scheduler.local_policy import DEFAULT_TPOT_TARGET, TPOT_TARGETS
 
 
 def _die_with_parent() -> None:
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU share for the pool when no budget is given")
     parser.add_argument("--host-store-bytes", type=int, default=32 * 1024**3, help="host weight store budget (shared memory)")
     parser.add_argument("--local-policy", default="prism", choices=["prism", "fcfs"], help="step order across models")
-    parser.add_argument("--tpot-target", default="token", choices=TPOT_TARGETS,
+    parser.add_argument("--tpot-target", default=DEFAULT_TPOT_TARGET, choices=TPOT_TARGETS,
                         help="prism policy: a decode's TPOT SLO held per token or as the request's mean")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="wait for each step before planning the next (default: overlap models' steps)")

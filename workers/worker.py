@@ -20,6 +20,7 @@ import zmq
 from memory import PagePool
 from memory.host_store import HostWeightStore
 from scheduler.local import LocalScheduler
+from scheduler.local_policy import DEFAULT_TPOT_TARGET
 from scheduler.sequence import Sequence
 from workers import messages as m
 from workers.engine.engine import Engine, NotEnoughMemory
@@ -51,7 +52,7 @@ def make_pool(device: str, budget_bytes: int, page_bytes: int, gpu_memory_utiliz
 
 class Worker:
     def __init__(self, worker_id: str, device: str, controller_address: str, pool: PagePool, store: HostWeightStore,
-                 parent_pid: int | None = None, local_policy: str = "prism", overlap: bool = True, tpot_target: str = "token"):
+                 parent_pid: int | None = None, local_policy: str = "prism", overlap: bool = True, tpot_target: str = DEFAULT_TPOT_TARGET):
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.pool = pool

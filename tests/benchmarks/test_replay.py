@@ -86,7 +86,7 @@ def test_policy_registry_writes_policy_slos_memory_share_and_absolute_paths():
     assert Registry.model_validate(serial).scheduler.overlap_steps is False  # a field the registry knows
     by_request = policy_registry(config, "prism", None, 5.0, tpot_target="request")
     assert Registry.model_validate(by_request).scheduler.tpot_target == "request"
-    assert "tpot_target" not in registry["scheduler"]  # unless asked, the registry's own (default: token)
+    assert "tpot_target" not in registry["scheduler"]  # unless asked, the registry's own (default: request)
 
 
 def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):

@@ -60,7 +60,7 @@ def test_the_command_line_writes_a_result_per_policy_and_scale(tmp_path):
                     "--rate-scales", "1", "2", "--duration", "10", "--tpot-targets", "token", "request", "--out", str(out)],
                    check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
-    assert set(result["policies"]) == {"prism", "prism, tpot_target=request", "static"}
+    assert set(result["policies"]) == {"prism", "prism, tpot_target=token", "static"}  # the default unnamed
     for points in result["policies"].values():
         assert [p["rate_scale"] for p in points] == [1.0, 2.0]
         assert points[0]["overall"]["requests"] == 12 and points[0]["overall"]["errors"] == 0

@@ -24,4 +24,4 @@ def test_workers_get_the_local_policy_overlap_and_tpot_target_of_the_registry(tm
     options = worker_options(tmp_path, "{policy: prism, tpot_target: request, overlap_steps: false}")
     assert (options.local_policy, options.tpot_target, options.overlap) == ("prism", "request", False)
     defaults = worker_options(tmp_path, "{policy: static}")
-    assert (defaults.local_policy, defaults.tpot_target, defaults.overlap) == ("fcfs", "token", True)
+    assert (defaults.local_policy, defaults.tpot_target, defaults.overlap) == ("fcfs", "request", True)
