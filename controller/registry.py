@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from scheduler.local_policy import DEFAULT_TPOT_TARGET
+from scheduler.local_policy import DEFAULT_TPOT_TARGET, TPOT_TARGETS
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -89,7 +89,7 @@ class SchedulerConfig(_Strict):
     """`swap` baseline: unload a model idle this long."""
     overlap_steps: bool = True
     """Workers prepare and launch one model's step while another model's step runs on the device."""
-    tpot_target: Literal["token", "request"] = DEFAULT_TPOT_TARGET
+    tpot_target: Literal[TPOT_TARGETS] = DEFAULT_TPOT_TARGET
     """`prism` local policy: when a decode's next token is due. `token`: the last token plus the TPOT SLO.
     `request`: as late as keeps the request's mean TPOT within the SLO; a request already behind gets
     tokens at 5x the SLO under contention (it misses anyway), leaving the device to requests that can

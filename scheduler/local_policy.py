@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 POLICIES = ("prism", "fcfs")
 TPOT_TARGETS = ("token", "request")
-DEFAULT_TPOT_TARGET = "request"  # same-run H200 A/B: equal TTFT capacity, up to 1.9x goodput (benchmarks/NOTES.md)
+DEFAULT_TPOT_TARGET = "request"  # H200 replays: the same 99%-TTFT rate as token, 1.9x goodput at rate scale 20-24 (benchmarks/NOTES.md)
 
 PickModel = Callable[[list["ModelQueue"], int], list["ModelQueue"]]
 """Legacy hook: given the queues and the step number, the models with work in the order to try them."""
