@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import random
 import sys
 import time
@@ -318,6 +319,32 @@ def worker_counters(text: str) -> dict[tuple[str, str], float]:
     }
 
 
+def slo_counts(text: str) -> dict[tuple[str, str], float]:
+    """The controller's TTFT SLO counters so far (`/metrics` text): (model, "met" | "missed") -> requests."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    kinds = {"prism:slo_met": "met", "prism:slo_missed": "missed"}
+    return {
+        (sample.labels["model_name"], kinds[family.name]): sample.value
+        for family in text_string_to_metric_families(text) if family.name in kinds
+        for sample in family.samples if sample.name.endswith("_total") and sample.labels.get("slo") == "ttft"
+    }
+
+
+def server_ttft_attainment(before: dict, after: dict) -> dict[str, float]:
+    """TTFT attainment as the controller counted it over a point (arrival at the controller to the first
+    token's arrival there, against the registry's SLO), per model and "overall": the gap to the client's
+    numbers is what delivery (controller to client, the client's own loop) adds."""
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
+    models = sorted({model for model, _ in delta})
+    totals = {m: (delta.get((m, "met"), 0.0), delta.get((m, "missed"), 0.0)) for m in models}
+    shares = {m: round(met / (met + missed), 4) for m, (met, missed) in totals.items() if met + missed}
+    met, missed = sum(t[0] for t in totals.values()), sum(t[1] for t in totals.values())
+    if met + missed:
+        shares["overall"] = round(met / (met + missed), 4)
+    return shares
+
+
 def gc_stats(text: str) -> dict[str, GcStats]:
     """Every server process's garbage collection pauses so far, from the `prism:gc_pause_seconds` histogram."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -386,7 +413,33 @@ def step_summary(before: dict, after: dict, wall_s: float) -> tuple[dict, dict]:
     return busy, steps
 
 
-def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list[dict]:
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) a process has used so far, from /proc; None where it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+
+
+def server_processes(url: str, server_pid: int | None) -> dict[str, int]:
+    """The processes whose CPU a point reports: this client, the controller (when started here) and its workers."""
+    processes = {"client": os.getpid()}
+    if server_pid is not None:
+        processes["controller"] = server_pid
+    workers = httpx.get(url + "/health", timeout=30).json().get("workers", {})
+    processes.update({f"worker:{w}": info["pid"] for w, info in workers.items() if info.get("pid")})
+    return processes
+
+
+def cpu_shares(before: dict[str, float | None], after: dict[str, float | None], wall_s: float) -> dict[str, float]:
+    """Each process's CPU over the point as a share of one core (1.0: one core busy throughout)."""
+    return {name: round((after[name] - before[name]) / wall_s, 3) for name in after
+            if after[name] is not None and before.get(name) is not None}
+
+
+def run_points(url: str, jobs, models, args, slos, events: bool = False, server_pid: int | None = None) -> list[dict]:
+    processes = server_processes(url, server_pid)
     if args.warmup > 0:  # not measured: first-use costs (kernel variants, allocator growth) for every policy alike
         asyncio.run(replay(url, jobs, args.rate_scales[0], args.warmup, args.timeout, args.seed + 1))
     points = []
@@ -394,21 +447,25 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False) -> list
         freeze_heap()  # this process's own full collections would delay the tokens it timestamps
         before = lifecycle_counts(url) if events else {}
         metrics_before, client_gc_before = httpx.get(url + "/metrics", timeout=30).text, CLIENT_GC.stats()
+        cpu_before = {name: process_cpu_s(pid) for name, pid in processes.items()}
         started = time.perf_counter()
         results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
         wall = time.perf_counter() - started
+        cpu = cpu_shares(cpu_before, {name: process_cpu_s(pid) for name, pid in processes.items()}, wall)
         metrics_after, client_gc_after = httpx.get(url + "/metrics", timeout=30).text, CLIENT_GC.stats()
         summary = summarize(results, slos, args.slo_scale, wall)
         after = lifecycle_counts(url) if events else {}
         lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
         busy, steps = step_summary(worker_counters(metrics_before), worker_counters(metrics_after), wall)
+        server_ttft = server_ttft_attainment(slo_counts(metrics_before), slo_counts(metrics_after))
         gc_pauses = gc_summary({**gc_stats(metrics_before), "client": client_gc_before}, {**gc_stats(metrics_after), "client": client_gc_after})
         points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps,
-                       "gc": gc_pauses, **summary})
+                       "gc": gc_pauses, "cpu_share": cpu,
+                       "server_ttft_attainment": server_ttft, **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
-              f"both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}, "
-              f"GC pauses over 10 ms {({p: g['pauses_over_10ms'] for p, g in gc_pauses.items()})}", flush=True)
+              f"(server-side {server_ttft.get('overall')}), both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}, "
+              f"GC pauses over 10 ms {({p: g['pauses_over_10ms'] for p, g in gc_pauses.items()})}, CPU (cores) {cpu}", flush=True)
     return points
 
 
@@ -495,7 +552,8 @@ def main() -> None:
                                        args.tpot_target)
             server = start_policy_server(registry, policy, args.out.parent)
             try:
-                result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True)
+                result["policies"][policy] = run_points(server.base_url, jobs, args.models, args, slos, events=True,
+                                                         server_pid=server.process.pid)
             finally:
                 stop_server(server)
                 (args.out.parent / f"server-{policy}.log").write_text(server.log())  # workers' logs included

@@ -153,6 +153,7 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
     by_name = {m.name: m for m in models}
     arrivals = [(r.time_s / rate_scale, r, name) for r, name in jobs if r.time_s <= duration_s * rate_scale]
     seqs: list[Sequence] = []
+    counts = StepTally()
     now, next_arrival = 0.0, 0
     running: tuple[StepPlan, float, float] | None = None  # with overlap: the step on the device, its time and its end
     while next_arrival < len(arrivals) or scheduler.has_work():
@@ -167,6 +168,7 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
             scheduler.update(running_plan, _sampled(running_plan), now, device_s=running_s)
             if plan is not None:
                 step_s = by_name[plan.model].step_s(plan, device)
+                counts.add(plan, step_s)
                 running = (plan, step_s, now + step_s)
             else:
                 running = None
@@ -177,6 +179,7 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
             now = max(now, arrivals[next_arrival][0])
             continue
         step_s = by_name[plan.model].step_s(plan, device)
+        counts.add(plan, step_s)
         if overlap and host is None:
             running = (plan, step_s, now + step_s)
             continue
@@ -189,7 +192,29 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
         scheduler_s += time.perf_counter() - started
         now += max(step_s, host.engine_s + scheduler_s * host.scheduler_scale)
     results = [_result(seq) for seq in seqs]
-    return {"rate_scale": rate_scale, "simulated_s": now, **summarize(results, slos, slo_scale, max(now, 1e-9))}
+    wall_s = max(now, 1e-9)
+    return {"rate_scale": rate_scale, "simulated_s": now, "device_busy": round(counts.device_s() / wall_s, 3),
+            "steps": counts.summary(wall_s), **summarize(results, slos, slo_scale, wall_s)}
+
+
+class StepTally:
+    """Per model: steps, tokens scheduled and modelled device time, in the shape of replay.py's `steps`."""
+
+    def __init__(self):
+        self.by_model: dict[str, list[float]] = {}  # model -> [steps, tokens, device seconds]
+
+    def add(self, plan: StepPlan, step_s: float) -> None:
+        tally = self.by_model.setdefault(plan.model, [0, 0, 0.0])
+        tally[0] += 1
+        tally[1] += sum(c.num_new_tokens for c in plan.chunks)
+        tally[2] += step_s
+
+    def device_s(self) -> float:
+        return sum(t[2] for t in self.by_model.values())
+
+    def summary(self, wall_s: float) -> dict:
+        return {m: {"steps": int(n), "tokens_per_step": round(tokens / n, 1), "device_share": round(s / wall_s, 3)}
+                for m, (n, tokens, s) in sorted(self.by_model.items())}
 
 
 def _sampled(plan: StepPlan) -> dict[str, int]:

@@ -108,6 +108,11 @@ def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     assert set(result["dedicated_p95"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert all(len(p95["samples"]) == 2 and all(s["ttft_s"] > 0 for s in p95["samples"]) for p95 in result["dedicated_p95"].values())
     assert set(point["gc"]) == {"client", "controller", "worker:cpu"}  # every process that timestamps or serves a token
+    # CPU of the processes it can see from outside a server it did not start: itself and the workers (their pids from /health)
+    # The controller's own count of the same requests (the demo registry's SLOs): every request finished in the point
+    assert set(point["server_ttft_attainment"]) == {"smollm2-135m-instruct", "tiny-llama-random", "overall"}
+    assert all(0.0 <= share <= 1.0 for share in point["server_ttft_attainment"].values())
+    assert set(point["cpu_share"]) == {"client", "worker:cpu"} and all(share > 0 for share in point["cpu_share"].values())
     assert all(0 <= g["full_collections"] <= g["collections"] and 0 <= g["pauses_over_10ms"] <= g["collections"]
                for g in point["gc"].values())
 
