@@ -31,6 +31,8 @@ def test_one_request_takes_an_eager_prefill_step_then_one_weight_read_per_token(
     assert m["ttft_p50_s"] == pytest.approx(prefill_s)
     assert m["tpot_p50_s"] == pytest.approx(sum(decode_s) / 2)
     assert point["simulated_s"] == pytest.approx(prefill_s + sum(decode_s))
+    assert point["steps"] == {"m": {"steps": 3, "tokens_per_step": 34.0, "device_share": 1.0}}  # 100 + 1 + 1 tokens
+    assert point["device_busy"] == 1.0
 
 
 def test_static_splits_the_kv_memory_so_a_burst_on_one_model_waits_where_prism_lends_it_the_pool():
