@@ -154,12 +154,14 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRe
 # --- a replay ----------------------------------------------------------------------------------------
 
 
-async def replay(url: str, jobs: list[tuple[TraceRequest, str]], rate_scale: float, duration_s: float, timeout_s: float, seed: int) -> list[Result]:
-    window = [(r, m) for r, m in jobs if r.time_s <= duration_s * rate_scale]
+async def replay(url: str, window: list[tuple[TraceRequest, str]], rate_scale: float, timeout_s: float, seed: int,
+                 start_at: float | None = None) -> list[Result]:
+    """Send `window`'s requests at their trace times / `rate_scale`, counted from `start_at` (a
+    `time.perf_counter()` instant, system-wide on Linux; default now); return when all are done."""
     rng = random.Random(seed)
     limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
     async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
-        started = time.perf_counter()
+        started = time.perf_counter() if start_at is None else start_at
         tasks = []
         for request, model in window:
             delay = request.time_s / rate_scale - (time.perf_counter() - started)
@@ -167,6 +169,47 @@ async def replay(url: str, jobs: list[tuple[TraceRequest, str]], rate_scale: flo
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(send(client, url, model, request, rng, timeout_s)))
         return await asyncio.gather(*tasks)
+
+
+@dataclass
+class ClientRun:
+    """A point's requests as the client saw them, and what the client itself spent on them."""
+
+    results: list[Result]
+    cpu_s: float  # CPU seconds of the replaying processes
+    gc_delta: GcStats  # their garbage collections over the point
+
+
+def replay_point(url: str, jobs: list[tuple[TraceRequest, str]], rate_scale: float, duration_s: float, timeout_s: float,
+                 seed: int, processes: int = 1) -> ClientRun:
+    """Replay the trace window of one point from `processes` client processes (requests dealt round-robin,
+    one clock for all), so that timestamping thousands of streamed tokens a second never waits for one
+    event loop: at rate scale 32 one process was ~0.8 of a core busy."""
+    window = [(r, m) for r, m in jobs if r.time_s <= duration_s * rate_scale]
+    if processes <= 1:
+        return _replay_share(url, window, rate_scale, timeout_s, seed, None)
+    import concurrent.futures
+    import multiprocessing
+
+    start_at = time.perf_counter() + 0.5  # time for the processes to fork and start their loops
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
+        runs = list(pool.map(_replay_share, *zip(*[(url, window[i::processes], rate_scale, timeout_s, seed + 1000 * i, start_at)
+                                                     for i in range(processes)])))
+    return ClientRun([r for run in runs for r in run.results], sum(run.cpu_s for run in runs), _sum_gc([run.gc_delta for run in runs]))
+
+
+def _replay_share(url: str, window, rate_scale: float, timeout_s: float, seed: int, start_at: float | None) -> ClientRun:
+    freeze_heap()  # this process's own full collections would delay the tokens it timestamps
+    gc_before, cpu_before = CLIENT_GC.stats(), time.process_time()
+    results = asyncio.run(replay(url, window, rate_scale, timeout_s, seed, start_at))
+    return ClientRun(results, time.process_time() - cpu_before, _sum_gc([CLIENT_GC.stats()], minus=gc_before))
+
+
+def _sum_gc(stats: list[GcStats], minus: GcStats | None = None) -> GcStats:
+    counts = [[sum(s.pause_counts[g][b] for s in stats) - (minus.pause_counts[g][b] if minus else 0) for b in range(len(stats[0].pause_counts[g]))]
+              for g in range(3)]
+    pause_s = [sum(s.pause_s[g] for s in stats) - (minus.pause_s[g] if minus else 0.0) for g in range(3)]
+    return GcStats(counts, pause_s, max(s.frozen_objects for s in stats))
 
 
 async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, str]], num: int, timeout_s: float) -> dict[str, dict]:
@@ -423,8 +466,8 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def server_processes(url: str, server_pid: int | None) -> dict[str, int]:
-    """The processes whose CPU a point reports: this client, the controller (when started here) and its workers."""
-    processes = {"client": os.getpid()}
+    """The server's processes whose CPU a point reports (the client reports its own): the controller (when started here) and its workers."""
+    processes = {}
     if server_pid is not None:
         processes["controller"] = server_pid
     workers = httpx.get(url + "/health", timeout=30).json().get("workers", {})
@@ -441,24 +484,25 @@ def cpu_shares(before: dict[str, float | None], after: dict[str, float | None], 
 def run_points(url: str, jobs, models, args, slos, events: bool = False, server_pid: int | None = None) -> list[dict]:
     processes = server_processes(url, server_pid)
     if args.warmup > 0:  # not measured: first-use costs (kernel variants, allocator growth) for every policy alike
-        asyncio.run(replay(url, jobs, args.rate_scales[0], args.warmup, args.timeout, args.seed + 1))
+        replay_point(url, jobs, args.rate_scales[0], args.warmup, args.timeout, args.seed + 1, args.client_processes)
     points = []
     for scale in args.rate_scales:
-        freeze_heap()  # this process's own full collections would delay the tokens it timestamps
         before = lifecycle_counts(url) if events else {}
-        metrics_before, client_gc_before = httpx.get(url + "/metrics", timeout=30).text, CLIENT_GC.stats()
+        metrics_before = httpx.get(url + "/metrics", timeout=30).text
         cpu_before = {name: process_cpu_s(pid) for name, pid in processes.items()}
         started = time.perf_counter()
-        results = asyncio.run(replay(url, jobs, scale, args.duration, args.timeout, args.seed))
+        client = replay_point(url, jobs, scale, args.duration, args.timeout, args.seed, args.client_processes)
         wall = time.perf_counter() - started
-        cpu = cpu_shares(cpu_before, {name: process_cpu_s(pid) for name, pid in processes.items()}, wall)
-        metrics_after, client_gc_after = httpx.get(url + "/metrics", timeout=30).text, CLIENT_GC.stats()
-        summary = summarize(results, slos, args.slo_scale, wall)
+        cpu = {"client": round(client.cpu_s / wall, 3),
+               **cpu_shares(cpu_before, {name: process_cpu_s(pid) for name, pid in processes.items()}, wall)}
+        metrics_after = httpx.get(url + "/metrics", timeout=30).text
+        summary = summarize(client.results, slos, args.slo_scale, wall)
         after = lifecycle_counts(url) if events else {}
         lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
         busy, steps = step_summary(worker_counters(metrics_before), worker_counters(metrics_after), wall)
         server_ttft = server_ttft_attainment(slo_counts(metrics_before), slo_counts(metrics_after))
-        gc_pauses = gc_summary({**gc_stats(metrics_before), "client": client_gc_before}, {**gc_stats(metrics_after), "client": client_gc_after})
+        gc_pauses = gc_summary({**gc_stats(metrics_before), "client": _sum_gc([client.gc_delta], minus=client.gc_delta)},
+                               {**gc_stats(metrics_after), "client": client.gc_delta})
         points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps,
                        "gc": gc_pauses, "cpu_share": cpu,
                        "server_ttft_attainment": server_ttft, **summary})
@@ -515,6 +559,8 @@ def main() -> None:
     parser.add_argument("--slos", type=Path, help="JSON of dedicated P95s (else --calibrate measures them)")
     parser.add_argument("--calibrate", type=int, default=10, help="requests per model for the dedicated P95")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--client-processes", type=int, default=4,
+                        help="processes that send and timestamp a point's requests (1: this one; each takes its share round-robin)")
     parser.add_argument("--card", default=None, help="device name for the results (default: torch's, or cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "replay.json")
     args = parser.parse_args()
