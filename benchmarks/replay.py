@@ -129,8 +129,8 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRe
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in sse_lines(response):
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
@@ -141,7 +141,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRe
                     first = first or now
                     last = now
                     result.num_tokens += 1
-    except (httpx.HTTPError, asyncio.TimeoutError) as exc:
+    except (httpx.HTTPError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a chunk that is not JSON
         result.error = f"{type(exc).__name__}: {exc}"
         return result
     if first is not None:
@@ -149,6 +149,19 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRe
         if result.num_tokens > 1:
             result.tpot_s = (last - first) / (result.num_tokens - 1)
     return result
+
+
+async def sse_lines(response: httpx.Response):
+    """The lines of a server-sent event stream, split where SSE splits them (LF; CR LF). Not httpx's
+    `aiter_lines`: it also splits at U+2028, U+0085 and the like, which JSON strings may hold raw
+    (random token ids decode to them), and cuts a chunk in two."""
+    pending = b""
+    async for data in response.aiter_bytes():
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r")
+    if pending:
+        yield pending
 
 
 # --- a replay ----------------------------------------------------------------------------------------

@@ -149,3 +149,28 @@ def test_step_summary_turns_counter_deltas_into_per_model_step_figures():
     assert busy == {"cuda:0": 0.5}
     assert steps == {"a": {"steps": 200, "tokens_per_step": 20.0, "preemptions": 3, "device_share": 0.4,
                            "prefill_speed_estimate": 12346}}  # idle: no steps
+
+
+def test_sse_lines_split_only_at_line_feeds_across_chunk_boundaries():
+    import asyncio
+
+    import httpx
+
+    from benchmarks.replay import sse_lines
+
+    event = "data: " + json.dumps({"text": "a\u2028b\x85c\rd"}, ensure_ascii=False)  # JSON may hold these raw
+    body = (event + "\r\n\r\n" + "data: [DONE]\n\n").encode()
+
+    async def chunks():  # one byte at a time: every boundary, inside UTF-8 sequences too
+        for i in range(len(body)):
+            yield body[i:i + 1]
+
+    async def lines() -> list[bytes]:
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=chunks()))
+        async with httpx.AsyncClient(transport=transport) as client:
+            async with client.stream("GET", "http://replay.test/") as response:
+                return [line async for line in sse_lines(response)]
+
+    got = asyncio.run(lines())
+    assert got == [event.encode(), b"", b"data: [DONE]", b""]
+    assert json.loads(got[0][6:])["text"] == "a\u2028b\x85c\rd"
