@@ -375,6 +375,74 @@ def worker_counters(text: str) -> dict[tuple[str, str], float]:
     }
 
 
+QUEUE_GAUGES = {"prism:num_requests_running": "running", "prism:num_requests_waiting": "waiting"}  # per model
+
+
+class StateSampler:
+    """Samples the workers' queues and the pools' pages from `/metrics` in a thread while a point runs
+    (the workers report them in their heartbeats, 1 s apart), to say what stopped admission when the TTFT
+    falls: the pool (few free pages), the sequence cap (running at `max_num_seqs`), or neither."""
+
+    def __init__(self, url: str, interval_s: float = 0.5):
+        import threading
+
+        self.url, self.interval_s = url, interval_s
+        self.samples: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> StateSampler:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as client:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    text = client.get(self.url + "/metrics").text
+                except httpx.HTTPError:
+                    continue
+                self.samples.append({"t_s": round(time.perf_counter() - self._started, 2), **state_gauges(text)})
+
+    def summary(self) -> dict:
+        """Per model the most requests running and waiting at once; per device the fewest free pages."""
+        models: dict[str, dict] = {}
+        devices: dict[str, dict] = {}
+        for sample in self.samples:
+            for (kind, model), value in sample["queues"].items():
+                entry = models.setdefault(model, {"max_running": 0, "max_waiting": 0})
+                entry[f"max_{kind}"] = max(entry[f"max_{kind}"], int(value))
+            for device, pages in sample["pages"].items():
+                entry = devices.setdefault(device, {"min_free_pages": pages["free"], "max_kv_pages": pages["kv"]})
+                entry["min_free_pages"] = min(entry["min_free_pages"], pages["free"])
+                entry["max_kv_pages"] = max(entry["max_kv_pages"], pages["kv"])
+        series = [{"t_s": s["t_s"], "free_pages": {d: p["free"] for d, p in s["pages"].items()},
+                   "running": int(sum(v for (k, _), v in s["queues"].items() if k == "running")),
+                   "waiting": int(sum(v for (k, _), v in s["queues"].items() if k == "waiting"))} for s in self.samples]
+        return {"interval_s": self.interval_s, "models": dict(sorted(models.items())), "devices": devices, "series": series}
+
+
+def state_gauges(text: str) -> dict:
+    """From `/metrics` text: queues {(running | waiting, model): requests} and pages {device: {kind: pages}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    queues: dict[tuple[str, str], float] = {}
+    pages: dict[str, dict[str, int]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name in QUEUE_GAUGES:
+            for sample in family.samples:
+                queues[(QUEUE_GAUGES[family.name], sample.labels["model_name"])] = sample.value
+        elif family.name == "prism:pool_pages":
+            for sample in family.samples:
+                pages.setdefault(sample.labels["device"], {})[sample.labels["kind"]] = int(sample.value)
+    return {"queues": queues, "pages": pages}
+
+
 def slo_counts(text: str) -> dict[tuple[str, str], float]:
     """The controller's TTFT SLO counters so far (`/metrics` text): (model, "met" | "missed") -> requests."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -504,7 +572,8 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False, server_
         metrics_before = httpx.get(url + "/metrics", timeout=30).text
         cpu_before = {name: process_cpu_s(pid) for name, pid in processes.items()}
         started = time.perf_counter()
-        client = replay_point(url, jobs, scale, args.duration, args.timeout, args.seed, args.client_processes)
+        with StateSampler(url) as sampler:
+            client = replay_point(url, jobs, scale, args.duration, args.timeout, args.seed, args.client_processes)
         wall = time.perf_counter() - started
         cpu = {"client": round(client.cpu_s / wall, 3),
                **cpu_shares(cpu_before, {name: process_cpu_s(pid) for name, pid in processes.items()}, wall)}
@@ -518,11 +587,13 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False, server_
                                {**gc_stats(metrics_after), "client": client.gc_delta})
         points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps,
                        "gc": gc_pauses, "cpu_share": cpu,
-                       "server_ttft_attainment": server_ttft, **summary})
+                       "server_ttft_attainment": server_ttft, "state": sampler.summary(), **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
               f"(server-side {server_ttft.get('overall')}), both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}, "
-              f"GC pauses over 10 ms {({p: g['pauses_over_10ms'] for p, g in gc_pauses.items()})}, CPU (cores) {cpu}", flush=True)
+              f"GC pauses over 10 ms {({p: g['pauses_over_10ms'] for p, g in gc_pauses.items()})}, CPU (cores) {cpu}, "
+              f"fewest free pages {({d: v['min_free_pages'] for d, v in points[-1]['state']['devices'].items()})}, "
+              f"most running {({m: v['max_running'] for m, v in points[-1]['state']['models'].items()})}", flush=True)
     return points
 
 

@@ -112,6 +112,10 @@ def test_a_ci_sized_replay_against_the_demo_server(tmp_path, demo_server):
     # The controller's own count of the same requests (the demo registry's SLOs): every request finished in the point
     assert set(point["server_ttft_attainment"]) == {"smollm2-135m-instruct", "tiny-llama-random", "overall"}
     assert all(0.0 <= share <= 1.0 for share in point["server_ttft_attainment"].values())
+    state = point["state"]  # sampled from /metrics while the point ran (3 s or more, every 0.5 s)
+    assert set(state["models"]) == {"smollm2-135m-instruct", "tiny-llama-random"} and list(state["devices"]) == ["cpu"]
+    assert len(state["series"]) >= 4 and all(s["running"] >= 0 and s["waiting"] >= 0 for s in state["series"])
+    assert 0 <= state["devices"]["cpu"]["min_free_pages"] and state["devices"]["cpu"]["max_kv_pages"] >= 0
     assert set(point["cpu_share"]) == {"client", "worker:cpu"} and all(share > 0 for share in point["cpu_share"].values())
     assert all(0 <= g["full_collections"] <= g["collections"] and 0 <= g["pauses_over_10ms"] <= g["collections"]
                for g in point["gc"].values())
@@ -174,3 +178,20 @@ def test_sse_lines_split_only_at_line_feeds_across_chunk_boundaries():
     got = asyncio.run(lines())
     assert got == [event.encode(), b"", b"data: [DONE]", b""]
     assert json.loads(got[0][6:])["text"] == "a\u2028b\x85c\rd"
+
+
+def test_state_samples_say_the_most_running_and_the_fewest_free_pages():
+    from benchmarks.replay import StateSampler, state_gauges
+
+    def metrics(running: int, waiting: int, free: int) -> str:
+        return (f'prism:num_requests_running{{model_name="a"}} {running}\n'
+                f'prism:num_requests_waiting{{model_name="a"}} {waiting}\n'
+                f'prism:pool_pages{{device="cuda:0",kind="free"}} {free}\n'
+                f'prism:pool_pages{{device="cuda:0",kind="kv"}} {100 - free}\n')
+
+    sampler = StateSampler("http://unused")
+    sampler.samples = [{"t_s": t, **state_gauges(metrics(*values))} for t, values in ((0.5, (3, 0, 40)), (1.0, (128, 7, 2)), (1.5, (90, 0, 10)))]
+    summary = sampler.summary()
+    assert summary["models"] == {"a": {"max_running": 128, "max_waiting": 7}}
+    assert summary["devices"] == {"cuda:0": {"min_free_pages": 2, "max_kv_pages": 98}}
+    assert [s["running"] for s in summary["series"]] == [3, 128, 90] and summary["series"][1]["free_pages"] == {"cuda:0": 2}
