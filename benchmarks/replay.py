@@ -219,10 +219,16 @@ def _replay_share(url: str, window, rate_scale: float, timeout_s: float, seed: i
 
 
 def _sum_gc(stats: list[GcStats], minus: GcStats | None = None) -> GcStats:
-    counts = [[sum(s.pause_counts[g][b] for s in stats) - (minus.pause_counts[g][b] if minus else 0) for b in range(len(stats[0].pause_counts[g]))]
-              for g in range(3)]
-    pause_s = [sum(s.pause_s[g] for s in stats) - (minus.pause_s[g] if minus else 0.0) for g in range(3)]
+    """The collections of several processes together, less `minus` (the same process's earlier stats)."""
+    shape = [len(counts) for counts in stats[0].pause_counts]
+    counts = [[sum(s.pause_counts[g][b] for s in stats) - (minus.pause_counts[g][b] if minus else 0) for b in range(n)]
+              for g, n in enumerate(shape)]
+    pause_s = [sum(s.pause_s[g] for s in stats) - (minus.pause_s[g] if minus else 0.0) for g in range(len(shape))]
     return GcStats(counts, pause_s, max(s.frozen_objects for s in stats))
+
+
+def _no_gc(like: GcStats) -> GcStats:
+    return GcStats([[0] * len(counts) for counts in like.pause_counts], [0.0] * len(like.pause_s), like.frozen_objects)
 
 
 async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, str]], num: int, timeout_s: float) -> dict[str, dict]:
@@ -583,7 +589,7 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False, server_
         lifecycle = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
         busy, steps = step_summary(worker_counters(metrics_before), worker_counters(metrics_after), wall)
         server_ttft = server_ttft_attainment(slo_counts(metrics_before), slo_counts(metrics_after))
-        gc_pauses = gc_summary({**gc_stats(metrics_before), "client": _sum_gc([client.gc_delta], minus=client.gc_delta)},
+        gc_pauses = gc_summary({**gc_stats(metrics_before), "client": _no_gc(client.gc_delta)},
                                {**gc_stats(metrics_after), "client": client.gc_delta})
         points.append({"rate_scale": scale, "wall_s": wall, "lifecycle_events": lifecycle, "device_busy": busy, "steps": steps,
                        "gc": gc_pauses, "cpu_share": cpu,
