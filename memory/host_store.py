@@ -71,15 +71,17 @@ class HostWeightStore:
     def num_bytes(self) -> int:
         return sum(image.num_bytes for image in self._images.values())
 
-    def acquire(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None]) -> HostImage:
+    def acquire(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None], pin_device: str | None = None) -> HostImage:
         """The image `key`, built with `fill(uint8 tensor)` if no process on this host built it yet.
 
-        The caller holds it (it is not dropped) until `release`.
+        `pin_device`: an image built here is pinned for that device before it is filled, so that the
+        fill's own copies (dummy weights generated on the GPU) run at DMA speed into memory that is
+        already faulted in; it stays pinned. The caller holds the image (it is not dropped) until `release`.
         """
         with self._lock:
             image = self._images.get(key)
             if image is None:
-                image = self._open(key, num_bytes, fill)
+                image = self._open(key, num_bytes, fill, pin_device)
                 self._images[key] = image
             self._images.move_to_end(key)
             image.users += 1
@@ -111,7 +113,7 @@ class HostWeightStore:
                 image.path.unlink(missing_ok=True)
                 del self._images[key]
 
-    def _open(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None]) -> HostImage:
+    def _open(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None], pin_device: str | None) -> HostImage:
         path = self.root / f"{self.prefix}{key}"
         stat = os.statvfs(self.root)
         if not path.exists() and stat.f_bavail * stat.f_frsize < num_bytes:
@@ -122,6 +124,8 @@ class HostWeightStore:
             if not done.exists() or path.stat().st_size != num_bytes:
                 done.unlink(missing_ok=True)
                 image = self._map(key, path, num_bytes, create=True)
+                if pin_device is not None:
+                    image.pin(pin_device)
                 fill(image.tensor)
                 image._mapping.flush()
                 done.touch()

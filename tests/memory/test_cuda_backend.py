@@ -236,3 +236,23 @@ def test_pinned_host_memory_copies_to_the_device(backend):
     finally:
         backend.unpin_host(host)
     assert not host.is_pinned()
+
+
+def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(tmp_path):
+    from memory.host_store import HostWeightStore
+
+    store = HostWeightStore(64 * MIB, root=tmp_path)
+    seen = {}
+
+    def fill(image: torch.Tensor) -> None:
+        seen["pinned"] = image.is_pinned()
+        image.copy_(torch.full((image.numel(),), 7, dtype=torch.uint8, device="cuda:0"))  # a device-to-host fill
+
+    image = store.acquire("m", 8 * MIB, fill, pin_device="cuda:0")
+    try:
+        assert seen == {"pinned": True} and image.pinned_on == "cuda:0"
+        assert int(image.tensor[-1]) == 7
+        image.pin("cuda:0")  # the engine's own pin after acquire: a no-op now
+    finally:
+        store.release(image)
+        store.drop_all(unlink=True)

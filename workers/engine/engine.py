@@ -153,7 +153,7 @@ class Engine:
                 f"{self.pool.num_free_pages} of {self.pool.budget_pages} are free"
             )
         if self.store is not None:
-            image = self.store.acquire(self._image_key(), self.weight_bytes, self._fill_image)
+            image = self.store.acquire(self._image_key(), self.weight_bytes, self._fill_image, pin_device=str(self.device))
             try:
                 image.pin(str(self.device))
                 times.stage_s = time.perf_counter() - started
