@@ -15,6 +15,11 @@ engine: 8B decode 5.6 ms and 1B 1.3 ms (dedicated TPOT P95s on the H200: 5.1 and
 of 512 / 2048 tokens 23 / 67 ms (H100 engine benchmark: 23 / 65 ms). KV memory is a byte budget of
 `--kv-gb`, shared by all models (prism), or split equally among them (static, as `StaticPlacement`).
 
+`--kv-backing pool` replaces the byte budget with the real memory layer: every model's KV is a `KVSpace`
+(as the engine makes it) on a host-backend `PagePool` of the weights plus `--kv-gb`, all weights mapped,
+a scratch block each, idle pages trimmed once a simulated second as the worker's heartbeat does; so page
+granularity, blocks that straddle pages and hysteresis count. It needs that much address space, not memory.
+
 `--prefill-speed oracle` gives the scheduler the model's true prefill speed instead of its online
 estimate: how much better predictions would be worth. Use it to compare policies and scheduler inputs
 before spending device time; the GPU replay remains the measurement.
@@ -117,6 +122,53 @@ class BudgetAllocator:
         self.budget.free_bytes += len(block_ids) * self.block_bytes
 
 
+class PoolBacking:
+    """The models' KV on the real memory layer: a host `PagePool` holding every model's weights and KV."""
+
+    HEARTBEAT_S = 1.0  # the worker trims idle KV pages this often (workers/worker.py)
+
+    def __init__(self, models: list[SimModel], kv_bytes: int, block_size: int):
+        from memory import HostBackend, KVSpace, MemoryKind, PagePool
+
+        self.pool = PagePool(HostBackend(), sum(m.weight_bytes for m in models) + kv_bytes)
+        self.spaces: dict[str, KVSpace] = {}
+        self.fewest_free_pages = None
+        self._last_trim_s = 0.0
+        for m in models:
+            weights = self.pool.reserve_range(m.name, MemoryKind.WEIGHTS, m.weight_bytes)
+            if not self.pool.map_pages(weights, range(weights.num_pages)):
+                raise ValueError(f"the pool cannot hold the weights of {m.name}")
+        for m in models:
+            kv = KVSpace.for_model(self.pool, m.name, m.kv_bytes_per_token * block_size, trim_on_free=False)
+            kv.allocate(1)  # the engine's scratch block (padding rows of decode graphs)
+            self.spaces[m.name] = kv
+        self._note_free()
+
+    def allocator(self, model: str, cap_bytes: int | None):
+        from memory import CappedKV
+
+        kv = self.spaces[model]
+        return kv if cap_bytes is None else CappedKV(kv, cap_bytes // kv.block_bytes)
+
+    def tick(self, now: float, scheduler: LocalScheduler) -> None:
+        self._note_free()
+        if now - self._last_trim_s < self.HEARTBEAT_S:
+            return
+        self._last_trim_s = now
+        for name, queue in scheduler.queues.items():
+            kv = self.spaces[name]
+            kv.trim(kv.idle_pages if queue.running or queue.waiting else 0)
+
+    def _note_free(self) -> None:
+        free = self.pool.num_free_pages
+        self.fewest_free_pages = free if self.fewest_free_pages is None else min(self.fewest_free_pages, free)
+
+    def close(self) -> None:
+        for kv in self.spaces.values():
+            kv.close()
+        self.pool.close()
+
+
 class OracleSpeed(PrefillSpeed):
     """The models' true prefill speeds, never updated: the scheduler's prefill predictions are exact."""
 
@@ -133,22 +185,29 @@ class OracleSpeed(PrefillSpeed):
 
 def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], policy: str, kv_bytes: int, slos: dict,
              slo_scale: float, rate_scale: float, duration_s: float, device: Device, oracle: bool = False,
-             host: Host | None = None, block_size: int = 16, overlap: bool = True, tpot_target: str = DEFAULT_TPOT_TARGET) -> dict:
+             host: Host | None = None, block_size: int = 16, overlap: bool = True, tpot_target: str = DEFAULT_TPOT_TARGET,
+             kv_backing: str = "bytes") -> dict:
     """One point: the jobs arriving within `duration_s` at `rate_scale`, run to the end; `replay.summarize`'s output.
 
     `overlap` (the worker's default; not with `host`): the next step is planned while one runs and starts
     when it ends, so the running step's model is never planned next, as in `workers/step_loop.py`.
     Without it steps are planned one after another on the results of the last. Deterministic without
-    `host`; with it (serial), the scheduler's own wall time enters the step times."""
+    `host`; with it (serial), the scheduler's own wall time enters the step times. `kv_backing`: `bytes`
+    (a byte budget) or `pool` (`PoolBacking`: the real memory layer)."""
     speed = OracleSpeed({m.name: m.prefill_tokens_per_s(device) for m in models}) if oracle else PrefillSpeed()
     scheduler = LocalScheduler("prism" if policy == "prism" else "fcfs", clock=lambda: 0.0, prefill_speed=speed, tpot_target=tpot_target)
     shared = ByteBudget(kv_bytes)
+    backing = PoolBacking(models, kv_bytes, block_size) if kv_backing == "pool" else None
     for m in models:
         budget = shared if policy == "prism" else ByteBudget(kv_bytes // len(models))
         block_bytes = m.kv_bytes_per_token * block_size
+        if backing is None:
+            allocator = BudgetAllocator(budget, block_bytes, budget.free_bytes // block_bytes)
+        else:
+            allocator = backing.allocator(m.name, None if policy == "prism" else kv_bytes // len(models))
         slo = slos[m.name]
         scheduler.add_model(ModelQueue(
-            m.name, BudgetAllocator(budget, block_bytes, budget.free_bytes // block_bytes), block_size, m.max_num_seqs,
+            m.name, allocator, block_size, m.max_num_seqs,
             m.max_num_batched_tokens, ttft_slo_s=slo["ttft_p95_s"] * slo_scale, tpot_slo_s=slo["tpot_p95_s"] * slo_scale))
     by_name = {m.name: m for m in models}
     arrivals = [(r.time_s / rate_scale, r, name) for r, name in jobs if r.time_s <= duration_s * rate_scale]
@@ -157,6 +216,8 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
     now, next_arrival = 0.0, 0
     running: tuple[StepPlan, float, float] | None = None  # with overlap: the step on the device, its time and its end
     while next_arrival < len(arrivals) or scheduler.has_work():
+        if backing is not None:
+            backing.tick(now, scheduler)
         while next_arrival < len(arrivals) and arrivals[next_arrival][0] <= now:
             seqs.append(_admit(scheduler, len(seqs), *arrivals[next_arrival]))
             next_arrival += 1
@@ -193,8 +254,12 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
         now += max(step_s, host.engine_s + scheduler_s * host.scheduler_scale)
     results = [_result(seq) for seq in seqs]
     wall_s = max(now, 1e-9)
+    memory = {}
+    if backing is not None:
+        memory = {"fewest_free_pages": backing.fewest_free_pages, "pool_pages": backing.pool.budget_pages}
+        backing.close()
     return {"rate_scale": rate_scale, "simulated_s": now, "device_busy": round(counts.device_s() / wall_s, 3),
-            "steps": counts.summary(wall_s), **summarize(results, slos, slo_scale, wall_s)}
+            "steps": counts.summary(wall_s), **({"memory": memory} if memory else {}), **summarize(results, slos, slo_scale, wall_s)}
 
 
 class StepTally:
@@ -246,6 +311,8 @@ def main() -> None:
                         help="KV memory of the device, GB (after weights): 10.9 is the H200 replays' pool (70.18 GiB) less 64.5 GB of weights")
     parser.add_argument("--policies", nargs="+", default=["prism", "static"], choices=["prism", "static"])
     parser.add_argument("--prefill-speed", choices=["learned", "oracle"], default="learned")
+    parser.add_argument("--kv-backing", choices=["bytes", "pool"], default="bytes",
+                        help="KV memory as a byte budget, or as the real page pool and KV spaces (host backend)")
     parser.add_argument("--tpot-targets", nargs="+", choices=TPOT_TARGETS, default=[DEFAULT_TPOT_TARGET],
                         help="scheduler.tpot_target of the prism policy: each one given is a run of its own")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
@@ -265,7 +332,7 @@ def main() -> None:
     device = Device()
     host = Host(args.host_engine_ms / 1e3, args.host_scheduler_scale) if args.host else None
     result = {"benchmark": "simulate", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-              "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb, "prefill_speed": args.prefill_speed,
+              "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb, "kv_backing": args.kv_backing, "prefill_speed": args.prefill_speed,
               "overlap": args.overlap and host is None,
               "trace": args.trace.name, "models": [m.name for m in models], "streams": args.streams, "slo_scale": args.slo_scale,
               "duration_s": args.duration, "policies": {}}
@@ -275,7 +342,8 @@ def main() -> None:
         points = []
         for scale in args.rate_scales:
             point = simulate(models, jobs, policy, int(args.kv_gb * 1e9), slos, args.slo_scale, scale, args.duration, device,
-                             oracle=args.prefill_speed == "oracle", host=host, overlap=args.overlap, tpot_target=target)
+                             oracle=args.prefill_speed == "oracle", host=host, overlap=args.overlap, tpot_target=target,
+                             kv_backing=args.kv_backing)
             o = point["overall"]
             print(f"{label:>7} scale {scale:>5g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, "
                   f"TPOT att {o['tpot_attainment']:.3f}, goodput {o['goodput_rps']:.2f} req/s", flush=True)

@@ -12,12 +12,13 @@ from memory.chunks import PhysicalChunk
 from memory.cuda_backend import CudaBackend
 from memory.fault_backend import FaultInjectingBackend
 from memory.host_backend import HostBackend
-from memory.kv_space import KVSpace
+from memory.kv_space import CappedKV, KVSpace
 from memory.pool import DEFAULT_CHUNK_PAGES, MemoryKind, PagePool, PoolSnapshot, VirtualRange
 from memory.weight_space import WEIGHT_ALIGNMENT_BYTES, PoolExhaustedError, WeightSpace, weight_bytes_needed
 
 __all__ = [
     "BackendError",
+    "CappedKV",
     "CudaBackend",
     "DEFAULT_CHUNK_PAGES",
     "FaultInjectingBackend",

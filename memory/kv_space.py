@@ -94,6 +94,15 @@ class KVSpace:
         self._closed = False
         pool.add_reclaimer(self.vrange, self)
 
+    @classmethod
+    def for_model(cls, pool: PagePool, owner: str, block_bytes: int, trim_on_free: bool = True) -> KVSpace:
+        """A model's space as an engine makes it: address room for as many blocks as the whole pool could
+        back (pages are mapped only on use), and a hysteresis of 16 idle pages for big blocks (half a page
+        or more: else nearly every allocation would map a page) or 2 for small ones."""
+        max_blocks = max(1, pool.budget_pages * pool.page_bytes // block_bytes)
+        idle_pages = 16 if block_bytes >= pool.page_bytes // 2 else 2
+        return cls(pool, owner, block_bytes, max_blocks, idle_pages=idle_pages, trim_on_free=trim_on_free)
+
     # --- views ----------------------------------------------------------------------------------
 
     def tensor(self, dtype: torch.dtype, block_shape: tuple[int, ...]) -> torch.Tensor:
@@ -281,3 +290,19 @@ class KVSpace:
     def _check_open(self) -> None:
         if self._closed:
             raise ValueError(f"KV space of {self.owner} is closed")
+
+
+class CappedKV:
+    """A model's KV allocation held under a fixed number of blocks (the static baseline's partitioning)."""
+
+    def __init__(self, kv: KVSpace, max_blocks: int):
+        self.kv = kv
+        self.max_blocks = max_blocks
+
+    def allocate(self, num_blocks: int) -> list[int] | None:
+        if self.kv.num_used_blocks + num_blocks > self.max_blocks:
+            return None
+        return self.kv.allocate(num_blocks)
+
+    def free(self, block_ids: list[int]) -> None:
+        self.kv.free(block_ids)

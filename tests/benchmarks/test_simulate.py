@@ -80,3 +80,26 @@ def test_with_overlap_the_model_whose_step_runs_is_not_planned_next():
     assert overlapped["per_model"]["n"]["ttft_p50_s"] == pytest.approx(2 * prefill_s)  # right behind m's prefill
     assert serial["per_model"]["n"]["ttft_p50_s"] == pytest.approx(2 * prefill_s + sum(decode_s))  # after m is done
     assert overlapped["simulated_s"] == pytest.approx(serial["simulated_s"])  # the same steps, back to back
+
+
+def test_the_pool_backing_counts_what_the_real_memory_layer_costs():
+    """Blocks of 1.25 MiB in 4 MiB of KV: a byte budget fits three at once; the real pool fits two, since
+    each model's KV space keeps a scratch block (the decode graphs' padding rows) as the engine's does."""
+    mib = 2**20
+    m = SimModel("m", weight_bytes=256 * mib, kv_bytes_per_token=80 * 1024, flops_per_token=1e9, num_layers=2,
+                 max_num_seqs=8, max_num_batched_tokens=512)
+    jobs = [(TraceRequest(0.0, 0, 10, 3), "m") for _ in range(3)]  # 13 tokens: one block each
+    points = {backing: simulate([m], jobs, "prism", 4 * mib, SLOS, 1.0, 1.0, 10.0, DEVICE, kv_backing=backing)
+              for backing in ("bytes", "pool")}
+    assert points["bytes"]["steps"]["m"]["steps"] == 3  # one prefill step, then two decode steps for all three
+    assert points["pool"]["steps"]["m"]["steps"] > 3  # the third waited for a block: its own steps after
+    assert points["pool"]["simulated_s"] > points["bytes"]["simulated_s"]
+    assert points["pool"]["memory"] == {"fewest_free_pages": 0, "pool_pages": 130}  # 128 of weights, 2 of KV
+    assert "memory" not in points["bytes"]
+
+
+def test_with_ample_memory_the_pool_backing_changes_nothing():
+    jobs = [(TraceRequest(0.1 * i, 0, 50 + 10 * i, 4), name) for i in range(6) for name in ("m", "n")]
+    by_bytes = simulate([model("m"), model("n")], jobs, "prism", 10**9, SLOS, 1.0, 1.0, 10.0, DEVICE)
+    by_pool = simulate([model("m"), model("n")], jobs, "prism", 10**9, SLOS, 1.0, 1.0, 10.0, DEVICE, kv_backing="pool")
+    assert by_pool["per_model"] == by_bytes["per_model"] and by_pool["simulated_s"] == by_bytes["simulated_s"]

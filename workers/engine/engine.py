@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memory import KVSpace, MemoryKind, PagePool
+from memory import CappedKV, KVSpace, MemoryKind, PagePool
 from memory.host_store import HostWeightStore, image_key
 from scheduler.local import ScheduledChunk, StepPlan
 from workers.engine.batch import build_batch
@@ -33,22 +33,6 @@ from workers.weights.layout import WeightLayout, fill
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPY_STREAMS = 4  # copies of chunk-sized pieces in flight at once: enough to keep PCIe busy
-
-
-class CappedKV:
-    """A model's KV allocation held under a fixed number of blocks (the static baseline's partitioning)."""
-
-    def __init__(self, kv: KVSpace, max_blocks: int):
-        self.kv = kv
-        self.max_blocks = max_blocks
-
-    def allocate(self, num_blocks: int) -> list[int] | None:
-        if self.kv.num_used_blocks + num_blocks > self.max_blocks:
-            return None
-        return self.kv.allocate(num_blocks)
-
-    def free(self, block_ids: list[int]) -> None:
-        self.kv.free(block_ids)
 
 
 class NotEnoughMemory(MemoryError):
@@ -123,13 +107,10 @@ class Engine:
         self.block_size = spec.block_size
         self.kv_block_shape = (self.arch.num_layers, 2, spec.block_size, self.arch.num_kv_heads, self.arch.head_dim)
         block_bytes = self.arch.kv_bytes_per_token(self.dtype) * spec.block_size
-        # Address space for as many blocks as the whole pool could back: pages are mapped only on use.
-        max_blocks = max(1, pool.budget_pages * pool.page_bytes // block_bytes)
-        idle_pages = 16 if block_bytes >= pool.page_bytes // 2 else 2  # big blocks: avoid a map per block
         self.weights = pool.reserve_range(spec.name, MemoryKind.WEIGHTS, self.weight_bytes)
         # On a GPU an unmap waits for the device: pages emptied by finished sequences are unmapped by the
         # worker between steps (`trim`), not inside the scheduler's update while the next step runs.
-        self.kv = KVSpace(pool, spec.name, block_bytes, max_blocks, idle_pages=idle_pages, trim_on_free=device.type != "cuda")
+        self.kv = KVSpace.for_model(pool, spec.name, block_bytes, trim_on_free=device.type != "cuda")
         self.kv_cache = self.kv.tensor(self.dtype, self.kv_block_shape)
         self.allocator = CappedKV(self.kv, spec.kv_budget_bytes // block_bytes) if spec.kv_budget_bytes else self.kv
         self.sampler = Sampler(device, seed=None)
