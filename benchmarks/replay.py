@@ -553,7 +553,8 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def server_processes(url: str, server_pid: int | None) -> dict[str, int]:
-    """The server's processes whose CPU a point reports (the client reports its own): the controller (when started here) and its workers."""
+    """The server's processes whose CPU a point reports (the client reports its own): the controller (when
+    started here) and its workers."""
     processes = {}
     if server_pid is not None:
         processes["controller"] = server_pid
@@ -596,7 +597,8 @@ def run_points(url: str, jobs, models, args, slos, events: bool = False, server_
                        "server_ttft_attainment": server_ttft, "state": sampler.summary(), **summary})
         o = summary["overall"]
         print(f"  scale {scale:>6g}: {o['requests']:>5} req, TTFT att {o['ttft_attainment']:.3f}, TPOT att {o['tpot_attainment']:.3f}, "
-              f"(server-side {server_ttft.get('overall')}), both {o['attainment']:.3f}, errors {o['errors']}, goodput {o['goodput_rps']:.2f} req/s, device busy {busy}, "
+              f"(server-side {server_ttft.get('overall')}), both {o['attainment']:.3f}, errors {o['errors']}, "
+              f"goodput {o['goodput_rps']:.2f} req/s, device busy {busy}, "
               f"GC pauses over 10 ms {({p: g['pauses_over_10ms'] for p, g in gc_pauses.items()})}, CPU (cores) {cpu}, "
               f"fewest free pages {({d: v['min_free_pages'] for d, v in points[-1]['state']['devices'].items()})}, "
               f"most running {({m: v['max_running'] for m, v in points[-1]['state']['models'].items()})}", flush=True)
@@ -649,7 +651,7 @@ def main() -> None:
     parser.add_argument("--slos", type=Path, help="JSON of dedicated P95s (else --calibrate measures them)")
     parser.add_argument("--calibrate", type=int, default=10, help="requests per model for the dedicated P95")
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--client-processes", type=int, default=4,
+    parser.add_argument("--client-processes", type=_at_least_one, default=4,
                         help="processes that send and timestamp a point's requests (1: this one; each takes its share round-robin)")
     parser.add_argument("--card", default=None, help="device name for the results (default: torch's, or cpu)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "replay.json")
@@ -698,6 +700,13 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, args.out)
     print(json.dumps(result["highest_rate_scale_at_99pct_ttft"]))
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def _card() -> str:

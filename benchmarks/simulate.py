@@ -46,6 +46,7 @@ from scheduler.local import LocalScheduler, ModelQueue, StepPlan  # noqa: E402
 from scheduler.local_policy import DEFAULT_TPOT_TARGET, TPOT_TARGETS  # noqa: E402
 from scheduler.prefill_order import PrefillSpeed  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
+from workers.step_loop import StepCounts  # noqa: E402
 from workers.weights.arch import Arch  # noqa: E402
 
 DTYPE = torch.bfloat16  # the dummy-weight models of the GPU runs
@@ -156,8 +157,7 @@ class PoolBacking:
             return
         self._last_trim_s = now
         for name, queue in scheduler.queues.items():
-            kv = self.spaces[name]
-            kv.trim(kv.idle_pages if queue.running or queue.waiting else 0)
+            self.spaces[name].trim_idle(bool(queue.running or queue.waiting))
 
     def _note_free(self) -> None:
         free = self.pool.num_free_pages
@@ -259,27 +259,29 @@ def simulate(models: list[SimModel], jobs: list[tuple[TraceRequest, str]], polic
         memory = {"fewest_free_pages": backing.fewest_free_pages, "pool_pages": backing.pool.budget_pages}
         backing.close()
     return {"rate_scale": rate_scale, "simulated_s": now, "device_busy": round(counts.device_s() / wall_s, 3),
-            "steps": counts.summary(wall_s), **({"memory": memory} if memory else {}), **summarize(results, slos, slo_scale, wall_s)}
+            "steps": counts.summary(wall_s), **({"memory": memory} if memory else {}),
+            **summarize(results, slos, slo_scale, wall_s)}
 
 
 class StepTally:
-    """Per model: steps, tokens scheduled and modelled device time, in the shape of replay.py's `steps`."""
+    """Per model: steps, tokens scheduled and modelled device time (the worker's `StepCounts`), summed up
+    in the shape of replay.py's `steps`."""
 
     def __init__(self):
-        self.by_model: dict[str, list[float]] = {}  # model -> [steps, tokens, device seconds]
+        self.by_model: dict[str, StepCounts] = {}
 
     def add(self, plan: StepPlan, step_s: float) -> None:
-        tally = self.by_model.setdefault(plan.model, [0, 0, 0.0])
-        tally[0] += 1
-        tally[1] += sum(c.num_new_tokens for c in plan.chunks)
-        tally[2] += step_s
+        counts = self.by_model.setdefault(plan.model, StepCounts())
+        counts.steps += 1
+        counts.tokens += sum(c.num_new_tokens for c in plan.chunks)
+        counts.device_s += step_s
 
     def device_s(self) -> float:
-        return sum(t[2] for t in self.by_model.values())
+        return sum(c.device_s for c in self.by_model.values())
 
     def summary(self, wall_s: float) -> dict:
-        return {m: {"steps": int(n), "tokens_per_step": round(tokens / n, 1), "device_share": round(s / wall_s, 3)}
-                for m, (n, tokens, s) in sorted(self.by_model.items())}
+        return {m: {"steps": c.steps, "tokens_per_step": round(c.tokens / c.steps, 1), "device_share": round(c.device_s / wall_s, 3)}
+                for m, c in sorted(self.by_model.items())}
 
 
 def _sampled(plan: StepPlan) -> dict[str, int]:
@@ -332,7 +334,8 @@ def main() -> None:
     device = Device()
     host = Host(args.host_engine_ms / 1e3, args.host_scheduler_scale) if args.host else None
     result = {"benchmark": "simulate", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
-              "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb, "kv_backing": args.kv_backing, "prefill_speed": args.prefill_speed,
+              "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb,
+              "kv_backing": args.kv_backing, "prefill_speed": args.prefill_speed,
               "overlap": args.overlap and host is None,
               "trace": args.trace.name, "models": [m.name for m in models], "streams": args.streams, "slo_scale": args.slo_scale,
               "duration_s": args.duration, "policies": {}}

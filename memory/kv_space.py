@@ -196,6 +196,11 @@ class KVSpace:
             self.trim(self.idle_pages)
         self._compact()
 
+    def trim_idle(self, has_work: bool) -> int:
+        """The heartbeat's trim: all empty pages of a model with no work (hysteresis is for bursts), those
+        beyond the hysteresis of one with work; return how many were unmapped."""
+        return self.trim(self.idle_pages if has_work else 0)
+
     def trim(self, keep_idle_pages: int = 0) -> int:
         """Unmap empty pages, highest first, until at most `keep_idle_pages` stay mapped; return how many.
 

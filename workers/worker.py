@@ -160,8 +160,7 @@ class Worker:
         """Give empty KV pages back to the pool: all of a model with no work (hysteresis is for bursts), the
         ones beyond its hysteresis for the others (on a GPU, `free` leaves them to this: see KVSpace)."""
         for name, queue in self.scheduler.queues.items():
-            kv = self.engines[name].kv
-            kv.trim(kv.idle_pages if queue.running or queue.waiting else 0)
+            self.engines[name].kv.trim_idle(bool(queue.running or queue.waiting))
 
     # --- handlers ---------------------------------------------------------------------------------
 

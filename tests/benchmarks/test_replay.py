@@ -195,3 +195,10 @@ def test_state_samples_say_the_most_running_and_the_fewest_free_pages():
     assert summary["models"] == {"a": {"max_running": 128, "max_waiting": 7}}
     assert summary["devices"] == {"cuda:0": {"min_free_pages": 2, "max_kv_pages": 98}}
     assert [s["running"] for s in summary["series"]] == [3, 128, 90] and summary["series"][1]["free_pages"] == {"cuda:0": 2}
+
+
+def test_client_processes_below_one_are_refused_with_a_clear_error():
+    command = [sys.executable, str(ROOT / "benchmarks" / "replay.py"), "--url", "http://127.0.0.1:9", "--models", "m",
+               "--client-processes", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "--client-processes: must be at least 1, not 0" in done.stderr

@@ -98,10 +98,25 @@ def test_without_trim_on_free_emptied_pages_wait_for_trim_and_stay_reclaimable()
     other = make_space(rig, "b")
     assert other.allocate(16) is not None, "4 pages: the 2 free ones and 2 of a's idle ones, reclaimed"
     assert space.num_idle_pages == 2
-    assert space.trim(space.idle_pages) == 1 and space.num_mapped_pages == 1  # what the worker's heartbeat does
+    assert space.trim_idle(has_work=True) == 1 and space.num_mapped_pages == 1  # what the worker's heartbeat does
     space.audit()
     other.audit()
     rig.assert_consistent()
+
+
+def test_a_model_without_work_gives_every_empty_page_back_at_the_heartbeat():
+    rig = make_rig(page_bytes=PAGE, budget_pages=6)
+    space = KVSpace(rig.pool, "a", 4 * KIB, 64, idle_pages=2, trim_on_free=False)
+    space.free(space.allocate(16))  # 4 pages empty out
+    assert space.trim_idle(has_work=False) == 4 and space.num_mapped_pages == 0
+    rig.assert_consistent()
+
+
+def test_a_space_for_a_model_spans_the_pool_and_keeps_more_idle_pages_for_big_blocks():
+    rig = make_rig(page_bytes=PAGE, budget_pages=6)
+    small, big = KVSpace.for_model(rig.pool, "s", 4 * KIB), KVSpace.for_model(rig.pool, "b", PAGE // 2, trim_on_free=False)
+    assert (small.max_blocks, small.idle_pages, small.trim_on_free) == (6 * 4, 2, True)
+    assert (big.max_blocks, big.idle_pages, big.trim_on_free) == (6 * 2, 16, False)
 
 
 def test_shortage_returns_none_and_changes_nothing():
