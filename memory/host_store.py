@@ -36,20 +36,44 @@ class HostImage:
     tensor: torch.Tensor  # uint8 view over the shared mapping
     _mapping: mmap.mmap = field(repr=False)
     pinned_on: str | None = None
+    pin_refused: bool = False  # the driver would not page-lock this mapping: copies run from pageable memory
     users: int = 0
 
-    def pin(self, device: str) -> None:
-        """Page-lock the mapping for DMA (cudaHostRegister) so copies to `device` run at line rate."""
-        if self.pinned_on is not None or not device.startswith("cuda"):
-            return
-        result = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.num_bytes, 0)
-        if int(result) != 0:
-            raise RuntimeError(f"cudaHostRegister of {self.num_bytes} bytes failed with error {int(result)}")
+    def pin(self, device: str) -> bool:
+        """Page-lock the mapping for DMA (cuMemHostRegister) so copies to `device` run at line rate.
+
+        Shared memory (/dev/shm) can be pinned; a file on a disk file system may be refused (Linux does not
+        page-lock file-backed mappings for long): then the image stays usable, unpinned, and this says so
+        once. Through the driver API, so that a refusal leaves no error behind for torch's next launch
+        check (the runtime's cudaHostRegister does). Returns whether the image is pinned.
+        """
+        if self.pinned_on is not None or self.pin_refused or not device.startswith("cuda"):
+            return self.pinned_on is not None
+        from memory.backend import BackendError
+        from memory.cuda_backend import CudaBackend
+
+        backend = CudaBackend(device)
+        try:
+            backend.pin_host(self.tensor)
+        except BackendError as error:
+            self.pin_refused = True
+            logger.warning("could not pin the weight image %s (%d bytes; %s): copies from it run at pageable "
+                           "speed; keep the host store in /dev/shm", self.path, self.num_bytes, error)
+            return False
+        finally:
+            backend.close()
         self.pinned_on = device
+        return True
 
     def close(self) -> None:
         if self.pinned_on is not None:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            from memory.cuda_backend import CudaBackend
+
+            backend = CudaBackend(self.pinned_on)
+            try:
+                backend.unpin_host(self.tensor)
+            finally:
+                backend.close()
             self.pinned_on = None
         del self.tensor
         self._mapping.close()

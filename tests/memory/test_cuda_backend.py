@@ -7,6 +7,7 @@ Run on the device machine: python -m pytest tests/memory/test_cuda_backend.py -m
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,17 @@ pytestmark = pytest.mark.gpu
 
 MIB = 1024 * 1024
 PAGE = 2 * MIB
+
+
+@pytest.fixture
+def shm_dir(tmp_path):
+    """A directory in POSIX shared memory, where the host weight store keeps its images by default."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="prism-test-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -238,10 +250,10 @@ def test_pinned_host_memory_copies_to_the_device(backend):
     assert not host.is_pinned()
 
 
-def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(tmp_path):
+def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(shm_dir):
     from memory.host_store import HostWeightStore
 
-    store = HostWeightStore(64 * MIB, root=tmp_path)
+    store = HostWeightStore(64 * MIB, root=shm_dir)
     seen = {}
 
     def fill(image: torch.Tensor) -> None:
@@ -252,7 +264,26 @@ def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(tmp_path):
     try:
         assert seen == {"pinned": True} and image.pinned_on == "cuda:0"
         assert int(image.tensor[-1]) == 7
-        image.pin("cuda:0")  # the engine's own pin after acquire: a no-op now
+        assert image.pin("cuda:0")  # the engine's own pin after acquire: a no-op now
+    finally:
+        store.release(image)
+        store.drop_all(unlink=True)
+
+
+def test_a_weight_image_the_driver_will_not_pin_stays_usable(tmp_path):
+    """On a disk file system (the device machine's /tmp) cudaHostRegister of a file mapping is refused:
+    the image is filled and read unpinned, and the refused call's error does not surface in later work."""
+    from memory.host_store import HostWeightStore
+
+    store = HostWeightStore(64 * MIB, root=tmp_path)
+    image = store.acquire("m", 8 * MIB, lambda t: t.copy_(torch.full((t.numel(),), 5, dtype=torch.uint8, device="cuda:0")),
+                          pin_device="cuda:0")
+    try:
+        assert (image.pinned_on == "cuda:0") != image.pin_refused
+        assert image.pin("cuda:0") == (not image.pin_refused)  # a refusal is not retried
+        on_device = image.tensor.to("cuda:0")
+        assert int(on_device.sum()) == 5 * 8 * MIB
+        torch.cuda.synchronize()
     finally:
         store.release(image)
         store.drop_all(unlink=True)
