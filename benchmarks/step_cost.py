@@ -78,32 +78,43 @@ def median_step(runner: OfflineRunner, repeats: int) -> dict:
 
 
 def measure(runner: OfflineRunner, decodes: int, prefills: list[int], repeats: int, vocab: int) -> dict:
-    """Step costs with `decodes` sequences decoding; every sequence is gone again at the end."""
+    """Step costs with `decodes` sequences decoding; every sequence is gone again at the end.
+
+    `mixed_N`: the decodes and an N-token prompt in one step as the engine runs it (split into a graph
+    replay and an eager forward from `Engine.split_min_decodes` decodes on); `mixed_N_eager`: the same
+    step as one eager forward; `decode_eager`: the decodes alone, eager."""
     req_ids = add_sequences(runner, decodes, PROMPT_TOKENS, vocab, seed=decodes)
     settle(runner)
     graphs = runner.engine.graphs
-    result = {"decodes": decodes, "decode_graph": median_step(runner, repeats)}
-    can_run = graphs.can_run if graphs is not None else None
-    if graphs is not None:
-        graphs.can_run = lambda batch_size: False  # the eager path for decode-only steps too
+    result = {"decodes": decodes, "split": graphs is not None and decodes >= runner.engine.split_min_decodes,
+              "decode_graph": median_step(runner, repeats)}
     try:
-        median_step(runner, 2)  # first eager step at this batch: kernel variants
-        result["decode_eager"] = median_step(runner, repeats)
         for num_tokens in prefills:
-            samples = []
-            for repeat in range(repeats + 1):
-                (req_id,) = add_sequences(runner, 1, num_tokens, vocab, seed=1000 * num_tokens + repeat)
-                samples.append(timed_step(runner))  # the decodes and the new prompt (one chunk) in one step
-                abort(runner, req_id)  # the batch stays at `decodes`
-            samples = samples[1:]  # the first compiles this prompt length's variants
-            result[f"mixed_{num_tokens}"] = {"step_s": statistics.median(t for t, _ in samples),
-                                             "launch_s": statistics.median(q for _, q in samples)}
-    finally:
+            result[f"mixed_{num_tokens}"] = mixed_step(runner, num_tokens, repeats, vocab)
         if graphs is not None:
-            graphs.can_run = can_run
+            can_run = graphs.can_run
+            graphs.can_run = lambda batch_size: False  # the eager path for every step
+            try:
+                median_step(runner, 2)  # first eager step at this batch: kernel variants
+                result["decode_eager"] = median_step(runner, repeats)
+                for num_tokens in prefills:
+                    result[f"mixed_{num_tokens}_eager"] = mixed_step(runner, num_tokens, repeats, vocab)
+            finally:
+                graphs.can_run = can_run
+    finally:
         for req_id in req_ids:
             abort(runner, req_id)
     return result
+
+
+def mixed_step(runner: OfflineRunner, num_tokens: int, repeats: int, vocab: int) -> dict:
+    samples = []
+    for repeat in range(repeats + 1):
+        (req_id,) = add_sequences(runner, 1, num_tokens, vocab, seed=1000 * num_tokens + repeat)
+        samples.append(timed_step(runner))  # the decodes and the new prompt (one chunk) in one step
+        abort(runner, req_id)  # the batch stays at `decodes`
+    samples = samples[1:]  # the first compiles this prompt length's variants
+    return {"step_s": statistics.median(t for t, _ in samples), "launch_s": statistics.median(q for _, q in samples)}
 
 
 def profile_eager_steps(runner: OfflineRunner, decodes: int, prefills: list[int], vocab: int, directory: Path) -> None:
