@@ -119,8 +119,8 @@ def test_below_the_threshold_a_mixed_step_runs_eager_whole(spec):
 
 @pytest.mark.gpu
 def test_gpu_a_split_step_gives_the_tokens_of_one_eager_forward(spec):
-    """The real graphs: fp32 weights, so the split changes no greedy token."""
-    spec = spec.__class__(**{**spec.__dict__, "dtype": "float32"})
+    """The real graphs (fp32 weights, as `make_spec` makes them, so the split changes no greedy token)."""
+    assert spec.dtype == "float32" and spec.cuda_graphs
     eager, split = runner_on(spec, "cuda:0"), runner_on(spec, "cuda:0")
     try:
         eager.engine.graphs = None  # every step one eager forward
