@@ -15,6 +15,7 @@ step, without overlap); medians of `--repeats`. Writes JSON with command, date a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -24,6 +25,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -92,15 +94,11 @@ def measure(runner: OfflineRunner, decodes: int, prefills: list[int], repeats: i
         for num_tokens in prefills:
             result[f"mixed_{num_tokens}"] = mixed_step(runner, num_tokens, repeats, vocab)
         if graphs is not None:
-            can_run = graphs.can_run
-            graphs.can_run = lambda batch_size: False  # the eager path for every step
-            try:
+            with eager_only(runner):
                 median_step(runner, 2)  # first eager step at this batch: kernel variants
                 result["decode_eager"] = median_step(runner, repeats)
                 for num_tokens in prefills:
                     result[f"mixed_{num_tokens}_eager"] = mixed_step(runner, num_tokens, repeats, vocab)
-            finally:
-                graphs.can_run = can_run
     finally:
         for req_id in req_ids:
             abort(runner, req_id)
@@ -108,11 +106,7 @@ def measure(runner: OfflineRunner, decodes: int, prefills: list[int], repeats: i
 
 
 def mixed_step(runner: OfflineRunner, num_tokens: int, repeats: int, vocab: int) -> dict:
-    samples = []
-    for repeat in range(repeats + 1):
-        (req_id,) = add_sequences(runner, 1, num_tokens, vocab, seed=1000 * num_tokens + repeat)
-        samples.append(timed_step(runner))  # the decodes and the new prompt (one chunk) in one step
-        abort(runner, req_id)  # the batch stays at `decodes`
+    samples = [step_with_prompt(runner, num_tokens, vocab, seed=1000 * num_tokens + repeat) for repeat in range(repeats + 1)]
     samples = samples[1:]  # the first compiles this prompt length's variants
     return {"step_s": statistics.median(t for t, _ in samples), "launch_s": statistics.median(q for _, q in samples)}
 
@@ -125,44 +119,55 @@ def profile_eager_steps(runner: OfflineRunner, decodes: int, prefills: list[int]
     directory.mkdir(parents=True, exist_ok=True)
     req_ids = add_sequences(runner, decodes, PROMPT_TOKENS, vocab, seed=decodes)
     settle(runner)
-    graphs = runner.engine.graphs
-    can_run = graphs.can_run if graphs is not None else None
-    if graphs is not None:
-        graphs.can_run = lambda batch_size: False
     try:
-        for label, num_tokens in [("decode", 0), *((f"mixed_{n}", n) for n in prefills)]:
-            for _ in range(2):  # warm
-                extra = add_sequences(runner, 1, num_tokens, vocab, seed=7) if num_tokens else []
-                timed_step(runner)
-                for req_id in extra:
-                    abort(runner, req_id)
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with eager_only(runner):
+            for label, num_tokens in [("decode", 0), *((f"mixed_{n}", n) for n in prefills)]:
+                for seed in (7, 7):  # warm
+                    step_with_prompt(runner, num_tokens, vocab, seed)
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for repeat in range(3):
+                        step_with_prompt(runner, num_tokens, vocab, 8 + repeat)
+                host = cProfile.Profile()
+                host.enable()
                 for repeat in range(3):
-                    extra = add_sequences(runner, 1, num_tokens, vocab, seed=8 + repeat) if num_tokens else []
-                    timed_step(runner)
-                    for req_id in extra:
-                        abort(runner, req_id)
-            host = cProfile.Profile()
-            host.enable()
-            for repeat in range(3):
-                extra = add_sequences(runner, 1, num_tokens, vocab, seed=8 + repeat) if num_tokens else []
-                timed_step(runner)
-                for req_id in extra:
-                    abort(runner, req_id)
-            host.disable()
-            listing = io.StringIO()
-            pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(45)
-            averages = prof.key_averages()
-            text = (f"{label}, {decodes} decodes, 3 steps\n\nby host time\n"
-                    + averages.table(sort_by="self_cpu_time_total", row_limit=40)
-                    + "\n\nby device time\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25)
-                    + "\n\nPython functions by own time (cProfile, 3 more steps)\n" + listing.getvalue())
-            (directory / f"{label}.txt").write_text(text)
+                    step_with_prompt(runner, num_tokens, vocab, 8 + repeat)
+                host.disable()
+                listing = io.StringIO()
+                pstats.Stats(host, stream=listing).sort_stats("tottime").print_stats(45)
+                averages = prof.key_averages()
+                text = (f"{label}, {decodes} decodes, 3 steps\n\nby host time\n"
+                        + averages.table(sort_by="self_cpu_time_total", row_limit=40)
+                        + "\n\nby device time\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25)
+                        + "\n\nPython functions by own time (cProfile, 3 more steps)\n" + listing.getvalue())
+                (directory / f"{label}.txt").write_text(text)
     finally:
-        if graphs is not None:
-            graphs.can_run = can_run
         for req_id in req_ids:
             abort(runner, req_id)
+
+
+def step_with_prompt(runner: OfflineRunner, num_tokens: int, vocab: int, seed: int) -> tuple[float, float]:
+    """One timed step of the running decodes plus a new `num_tokens`-token prompt (none for 0), which is
+    dropped again after it, so the batch stays as it was."""
+    req_ids = add_sequences(runner, 1, num_tokens, vocab, seed) if num_tokens else []
+    timing = timed_step(runner)
+    for req_id in req_ids:
+        abort(runner, req_id)
+    return timing
+
+
+@contextlib.contextmanager
+def eager_only(runner: OfflineRunner) -> Iterator[None]:
+    """Every step an eager forward (the decode graphs refuse every batch) inside the block."""
+    graphs = runner.engine.graphs
+    if graphs is None:
+        yield
+        return
+    can_run = graphs.can_run
+    graphs.can_run = lambda batch_size: False
+    try:
+        yield
+    finally:
+        graphs.can_run = can_run
 
 
 def abort(runner: OfflineRunner, req_id: str) -> None:
@@ -181,7 +186,10 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="also write torch profiler tables (host and device time per op) of eager steps here")
     args = parser.parse_args()
-    config = json.loads((ROOT / "configs" / "shapes" / f"{args.model}.json").read_text())
+    shape = ROOT / "configs" / "shapes" / f"{args.model}.json"
+    if not shape.is_file():
+        parser.error(f"no shape {args.model!r}; configs/shapes has {sorted(p.stem for p in shape.parent.glob('*.json'))}")
+    config = json.loads(shape.read_text())
     vocab = config["vocab_size"]
     runner = make_runner(config, max_num_seqs=max(args.decodes) + 1, budget_bytes=int(args.budget_gib * 1024**3))
     points = []

@@ -85,18 +85,28 @@ def _gpu_pool():
     return PagePool(CudaBackend("cuda:0"), 1024**3)
 
 
-def test_a_split_step_gives_the_tokens_of_one_eager_forward(spec):
-    eager = runner_on(spec, "cpu")
-    split = runner_on(spec, "cpu")
+def eager_and_split(spec, device: str, stand_in: type[EagerGraphs] | None = None) -> tuple[list[list[int]], list[list[int]], StepKinds, object]:
+    """The staggered workload on an engine with every step one eager forward, and on one that splits
+    every mixed step (`stand_in`: what replaces the CUDA graphs, on the CPU). Returns both outputs, the
+    split engine's step kinds and its graphs."""
+    eager, split = runner_on(spec, device), runner_on(spec, device)
     try:
-        graphs = split.engine.graphs = EagerGraphs(split.engine)
+        eager.engine.graphs = None
+        if stand_in is not None:
+            split.engine.graphs = stand_in(split.engine)
         split.engine.split_min_decodes = 1
+        graphs = split.engine.graphs  # closing the engine drops it
         kinds = StepKinds(split.engine)
         expected = staggered_run(eager, spec.hf_config["vocab_size"])
         got = staggered_run(split, spec.hf_config["vocab_size"])
     finally:
         eager.close()
         split.close()
+    return expected, got, kinds, graphs
+
+
+def test_a_split_step_gives_the_tokens_of_one_eager_forward(spec):
+    expected, got, kinds, graphs = eager_and_split(spec, "cpu", EagerGraphs)
     assert got == expected
     assert all(len(tokens) == GREEDY.max_tokens for tokens in got)
     mixed = kinds.kinds.count("mixed")
@@ -121,15 +131,6 @@ def test_below_the_threshold_a_mixed_step_runs_eager_whole(spec):
 def test_gpu_a_split_step_gives_the_tokens_of_one_eager_forward(spec):
     """The real graphs (fp32 weights, as `make_spec` makes them, so the split changes no greedy token)."""
     assert spec.dtype == "float32" and spec.cuda_graphs
-    eager, split = runner_on(spec, "cuda:0"), runner_on(spec, "cuda:0")
-    try:
-        eager.engine.graphs = None  # every step one eager forward
-        split.engine.split_min_decodes = 1
-        kinds = StepKinds(split.engine)
-        expected = staggered_run(eager, spec.hf_config["vocab_size"])
-        got = staggered_run(split, spec.hf_config["vocab_size"])
-    finally:
-        eager.close()
-        split.close()
+    expected, got, kinds, _ = eager_and_split(spec, "cuda:0")
     assert got == expected
     assert kinds.kinds.count("mixed") > 0

@@ -44,9 +44,10 @@ SPLIT_MIN_DECODES = 64
 
 def _single_tokens_first(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
     """The step's chunks with the one-token ones (decodes) first, each group in plan order."""
-    if all(c.num_new_tokens == 1 for c in chunks) or all(c.num_new_tokens != 1 for c in chunks):
-        return chunks
-    return [c for c in chunks if c.num_new_tokens == 1] + [c for c in chunks if c.num_new_tokens != 1]
+    singles, rest = [], []
+    for chunk in chunks:
+        (singles if chunk.num_new_tokens == 1 else rest).append(chunk)
+    return singles + rest if singles and rest else chunks
 
 
 class NotEnoughMemory(MemoryError):
@@ -326,8 +327,8 @@ class Engine:
                 return self._replay(chunks)
             if num_single >= self.split_min_decodes and graphs.can_run(num_single):
                 decoded = self._replay(chunks[:num_single])  # queued first: the device runs it while the host launches the rest
-                rest = self._eager(chunks[num_single:])
-                return decoded if rest is None else torch.cat([decoded, rest]) if decoded is not None else rest
+                parts = [t for t in (decoded, self._eager(chunks[num_single:])) if t is not None]
+                return torch.cat(parts) if len(parts) == 2 else parts[0] if parts else None
         return self._eager(chunks)
 
     def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
