@@ -3,7 +3,9 @@
     python benchmarks/step_cost.py --model llama-3.1-8b --decodes 32 128 --prefill 16 64 256 1024
 
 Under load the replay's steps are mostly mixed: a model's running decodes plus the first chunk of a
-request that just arrived. A mixed step runs eager (the decode graphs hold one token per sequence), so
+request that just arrived. The engine runs a mixed step as graph replays (its decodes in a decode graph
+and its prompt in a prefill graph, or the whole step in a prefill graph below `split_min_decodes`
+decodes; eager above the largest prefill graph), so
 this separates what a step pays for its decodes, for running eager, and for its prefill tokens, and
 whether the host's launches keep ahead of the device (`launch_s`: the time to queue the step; when it
 is close to `step_s` the device waited for Python). Sequences start from 256-token prompts.
@@ -82,9 +84,9 @@ def median_step(runner: OfflineRunner, repeats: int) -> dict:
 def measure(runner: OfflineRunner, decodes: int, prefills: list[int], repeats: int, vocab: int) -> dict:
     """Step costs with `decodes` sequences decoding; every sequence is gone again at the end.
 
-    `mixed_N`: the decodes and an N-token prompt in one step as the engine runs it (split into a graph
-    replay and an eager forward from `Engine.split_min_decodes` decodes on); `mixed_N_eager`: the same
-    step as one eager forward; `decode_eager`: the decodes alone, eager."""
+    `mixed_N`: the decodes and an N-token prompt in one step as the engine runs it (see the module's
+    docstring); `mixed_N_eager`: the same step as one eager forward; `decode_eager`: the decodes alone,
+    eager."""
     req_ids = add_sequences(runner, decodes, PROMPT_TOKENS, vocab, seed=decodes)
     settle(runner)
     graphs = runner.engine.graphs
@@ -157,17 +159,16 @@ def step_with_prompt(runner: OfflineRunner, num_tokens: int, vocab: int, seed: i
 
 @contextlib.contextmanager
 def eager_only(runner: OfflineRunner) -> Iterator[None]:
-    """Every step an eager forward (the decode graphs refuse every batch) inside the block."""
-    graphs = runner.engine.graphs
-    if graphs is None:
-        yield
-        return
-    can_run = graphs.can_run
-    graphs.can_run = lambda batch_size: False
+    """Every step an eager forward (the decode and prefill graphs refuse every batch) inside the block."""
+    graphs = [g for g in (runner.engine.graphs, runner.engine.prefill_graphs) if g is not None]
+    saved = [g.can_run for g in graphs]
+    for g in graphs:
+        g.can_run = lambda *shape: False
     try:
         yield
     finally:
-        graphs.can_run = can_run
+        for g, can_run in zip(graphs, saved):
+            g.can_run = can_run
 
 
 def abort(runner: OfflineRunner, req_id: str) -> None:

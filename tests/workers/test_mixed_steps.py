@@ -1,9 +1,10 @@
-"""A step of decodes and prompt chunks, split: its decodes replayed as a CUDA graph and only its chunks run
-eager, gives the tokens that one eager forward of the whole step gives.
+"""A step of decodes and prompt chunks, run as the engine routes it (its decodes replayed as a decode graph
+and its chunks through a prefill graph, or the whole step through a prefill graph), gives the tokens that
+one eager forward of the whole step gives.
 
-On the CPU the graphs are replaced at their boundary by `EagerGraphs` (DecodeGraphs' interface, each
-decode batch run through the same eager forward); on the device machine the real graphs run:
-`pytest -m gpu tests/workers/test_mixed_steps.py`.
+On the CPU the graphs are replaced at their boundary by `EagerGraphs` and `EagerPrefillGraphs` (the
+graphs' interfaces, each batch run through the same eager forward), which shows the routing; on the
+device machine the real graphs run: `pytest -m gpu tests/workers/test_mixed_steps.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ class EagerGraphs:
         engine = self.engine
         batch = build_batch([[t] for t in token_ids], positions, block_tables, [True] * len(token_ids), engine.block_size, engine.device)
         return engine.model.logits(engine.model.forward(batch, engine.kv_cache))
+
+
+class EagerPrefillGraphs:
+    """PrefillGraphs' interface with an eager forward behind it; refuses steps above `max_tokens`."""
+
+    def __init__(self, engine: Engine, max_tokens: int = 10**9):
+        self.engine = engine
+        self.max_tokens = max_tokens
+        self.batches: list[tuple[int, int]] = []  # (chunks, of which single tokens) per replay
+
+    def can_run(self, num_tokens: int, num_seqs: int) -> bool:
+        return num_tokens <= self.max_tokens
+
+    def run(self, token_chunks, start_positions, block_tables, sample_mask) -> torch.Tensor | None:
+        self.batches.append((len(token_chunks), sum(len(c) == 1 for c in token_chunks)))
+        engine = self.engine
+        batch = build_batch(token_chunks, start_positions, block_tables, sample_mask, engine.block_size, engine.device)
+        hidden = engine.model.forward(batch, engine.kv_cache)
+        return engine.model.logits(hidden) if hidden.shape[0] else None
 
 
 class StepKinds:
@@ -85,52 +105,66 @@ def _gpu_pool():
     return PagePool(CudaBackend("cuda:0"), 1024**3)
 
 
-def eager_and_split(spec, device: str, stand_in: type[EagerGraphs] | None = None) -> tuple[list[list[int]], list[list[int]], StepKinds, object]:
-    """The staggered workload on an engine with every step one eager forward, and on one that splits
-    every mixed step (`stand_in`: what replaces the CUDA graphs, on the CPU). Returns both outputs, the
-    split engine's step kinds and its graphs."""
-    eager, split = runner_on(spec, device), runner_on(spec, device)
+def eager_and_graphed(spec, device: str, split_min_decodes: int, stand_ins: bool = False):
+    """The staggered workload on an engine with every step one eager forward, and on one with graphs
+    (`stand_ins`: EagerGraphs and EagerPrefillGraphs in place of the CUDA graphs, on the CPU). Returns both
+    outputs, the graphed engine's step kinds and its (decode, prefill) graphs."""
+    eager, graphed = runner_on(spec, device), runner_on(spec, device)
     try:
-        eager.engine.graphs = None
-        if stand_in is not None:
-            split.engine.graphs = stand_in(split.engine)
-        split.engine.split_min_decodes = 1
-        graphs = split.engine.graphs  # closing the engine drops it
-        kinds = StepKinds(split.engine)
+        eager.engine.graphs = eager.engine.prefill_graphs = None
+        if stand_ins:
+            graphed.engine.graphs = EagerGraphs(graphed.engine)
+            graphed.engine.prefill_graphs = EagerPrefillGraphs(graphed.engine)
+        graphed.engine.split_min_decodes = split_min_decodes
+        graphs = graphed.engine.graphs, graphed.engine.prefill_graphs  # closing the engine drops them
+        kinds = StepKinds(graphed.engine)
         expected = staggered_run(eager, spec.hf_config["vocab_size"])
-        got = staggered_run(split, spec.hf_config["vocab_size"])
+        got = staggered_run(graphed, spec.hf_config["vocab_size"])
     finally:
         eager.close()
-        split.close()
+        graphed.close()
     return expected, got, kinds, graphs
 
 
 def test_a_split_step_gives_the_tokens_of_one_eager_forward(spec):
-    expected, got, kinds, graphs = eager_and_split(spec, "cpu", EagerGraphs)
+    expected, got, kinds, (graphs, prefills) = eager_and_graphed(spec, "cpu", split_min_decodes=1, stand_ins=True)
     assert got == expected
     assert all(len(tokens) == GREEDY.max_tokens for tokens in got)
     mixed = kinds.kinds.count("mixed")
     assert mixed > 0, kinds.kinds
     assert len(graphs.batches) == kinds.kinds.count("decodes") + mixed  # every mixed step replayed its decodes
+    # ...and sent only its prompt chunks to the prefill graphs, as did every step without decodes
+    assert len(prefills.batches) == mixed + kinds.kinds.count("chunks")
+    assert all(singles == 0 for _, singles in prefills.batches)
 
 
-def test_below_the_threshold_a_mixed_step_runs_eager_whole(spec):
+def test_below_the_threshold_a_mixed_step_runs_whole_in_a_prefill_graph(spec):
+    expected, got, kinds, (graphs, prefills) = eager_and_graphed(spec, "cpu", split_min_decodes=100, stand_ins=True)
+    assert got == expected
+    assert kinds.kinds.count("mixed") > 0
+    assert len(graphs.batches) == kinds.kinds.count("decodes")  # only decode-only steps replayed decode graphs
+    assert sum(singles > 0 for _, singles in prefills.batches) == kinds.kinds.count("mixed")  # decodes went along
+
+
+def test_a_step_too_large_for_the_prefill_graphs_runs_eager(spec):
     runner = runner_on(spec, "cpu")
     try:
-        graphs = runner.engine.graphs = EagerGraphs(runner.engine)
-        runner.engine.split_min_decodes = 100  # more decodes than this workload ever has at once
+        runner.engine.graphs = EagerGraphs(runner.engine)
+        prefills = runner.engine.prefill_graphs = EagerPrefillGraphs(runner.engine, max_tokens=0)
         kinds = StepKinds(runner.engine)
         staggered_run(runner, spec.hf_config["vocab_size"])
     finally:
         runner.close()
-    assert kinds.kinds.count("mixed") > 0
-    assert len(graphs.batches) == kinds.kinds.count("decodes")  # only decode-only steps replayed
+    assert kinds.kinds.count("chunks") > 0 and prefills.batches == []
 
 
 @pytest.mark.gpu
-def test_gpu_a_split_step_gives_the_tokens_of_one_eager_forward(spec):
-    """The real graphs (fp32 weights, as `make_spec` makes them, so the split changes no greedy token)."""
+@pytest.mark.parametrize("split_min_decodes", [1, 100])
+def test_gpu_graphed_steps_give_the_tokens_of_one_eager_forward(spec, split_min_decodes):
+    """The real graphs (fp32 weights, as `make_spec` makes them, so graphs change no greedy token), with
+    every mixed step split and with every mixed step whole in a prefill graph."""
     assert spec.dtype == "float32" and spec.cuda_graphs
-    expected, got, kinds, _ = eager_and_split(spec, "cuda:0")
+    expected, got, kinds, (_, prefills) = eager_and_graphed(spec, "cuda:0", split_min_decodes)
     assert got == expected
     assert kinds.kinds.count("mixed") > 0
+    assert prefills is not None and prefills.num_replays == kinds.kinds.count("mixed") + kinds.kinds.count("chunks")

@@ -23,7 +23,7 @@ from memory import CappedKV, KVSpace, MemoryKind, PagePool
 from memory.host_store import HostWeightStore, image_key
 from scheduler.local import ScheduledChunk, StepPlan
 from workers.engine.batch import build_batch
-from workers.engine.cuda_graphs import DecodeGraphs
+from workers.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from workers.engine.llama import LlamaModel
 from workers.engine.sampler import Sampler
 from workers.messages import ModelSpec
@@ -33,13 +33,14 @@ from workers.weights.layout import WeightLayout, fill
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COPY_STREAMS = 4  # copies of chunk-sized pieces in flight at once: enough to keep PCIe busy
-# A step of decodes plus prefill chunks runs its decodes as a graph replay and only the chunks eager, from
-# this many decodes on. An eager step costs the host ~0.4 ms a layer of launches whatever its size, and
-# sends its decode rows through the prefill attention kernel: on the H200 an 8B step of 128 decodes and a
+# A step of decodes plus prefill chunks runs its decodes as a decode-graph replay and its chunks apart
+# (a prefill-graph replay, or eager when too large), from this many decodes on. Below it the whole step
+# goes through one prefill graph: its decode rows then take the prefill attention kernel, which reads a
+# sequence's KV once per query head, not once per KV head. On the H200 an 8B step of 128 decodes and a
 # 16-token prompt took 22 ms eager against 7.4 ms for the decodes graphed (benchmarks/results/
-# step_cost-h200.json). Below this the second read of the weights costs more than the split saves (a 1B
-# step with 32 decodes: 5.9 ms mixed, host-bound either way).
+# step_cost-h200.json); the split costs one more read of the weights.
 SPLIT_MIN_DECODES = 64
+PREFILL_GRAPH_PROMPTS = 8  # prompt chunks a prefill graph takes beside SPLIT_MIN_DECODES decodes
 
 
 def _single_tokens_first(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -131,6 +132,7 @@ class Engine:
         self.sampler = Sampler(device, seed=None)
         self.model: LlamaModel | None = None
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.split_min_decodes = SPLIT_MIN_DECODES
         self._scratch: list[int] | None = None
         self.active = False
@@ -251,11 +253,17 @@ class Engine:
             raise NotEnoughMemory(f"{self.spec.name}: no KV block for the CUDA graphs' scratch space")
         if self.graphs is None:
             self._warm_up_prefill()
+            max_blocks = -(-self.spec.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(
                 self.model, self.kv_cache, self.block_size, self.spec.max_num_seqs,
-                max_blocks_per_seq=-(-self.spec.max_model_len // self.block_size), scratch_block=self._scratch[0],
+                max_blocks_per_seq=max_blocks, scratch_block=self._scratch[0],
             )
             self.graphs.capture()
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.kv_cache, self.block_size, min(self.spec.max_num_seqs, SPLIT_MIN_DECODES + PREFILL_GRAPH_PROMPTS),
+                max_tokens=self.spec.max_num_batched_tokens, max_blocks_per_seq=max_blocks,
+            )
+            self.prefill_graphs.capture()
         else:
             self.graphs.scratch_block = self._scratch[0]
 
@@ -317,9 +325,9 @@ class Engine:
         return PendingStep([s.req_id for s in sampling], tokens, timer.stop())
 
     def _logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
-        """Logits of the sampled rows, in chunk order (single-token chunks first): a CUDA graph replay for
-        a decode batch; for decodes plus prefill chunks, the decodes replayed and the chunks eager (from
-        `split_min_decodes` decodes on); else one eager forward."""
+        """Logits of the sampled rows, in chunk order (single-token chunks first): a decode-graph replay
+        for a decode batch; for decodes plus prefill chunks, the decodes replayed and the chunks apart
+        (from `split_min_decodes` decodes on); else the whole step in one prefill graph or eager forward."""
         graphs = self.graphs
         if graphs is not None:
             num_single = next((i for i, c in enumerate(chunks) if c.num_new_tokens != 1), len(chunks))
@@ -327,8 +335,20 @@ class Engine:
                 return self._replay(chunks)
             if num_single >= self.split_min_decodes and graphs.can_run(num_single):
                 decoded = self._replay(chunks[:num_single])  # queued first: the device runs it while the host launches the rest
-                parts = [t for t in (decoded, self._eager(chunks[num_single:])) if t is not None]
+                parts = [t for t in (decoded, self._prefill(chunks[num_single:])) if t is not None]
                 return torch.cat(parts) if len(parts) == 2 else parts[0] if parts else None
+        return self._prefill(chunks)
+
+    def _prefill(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """A step with prompt chunks: a prefill-graph replay where one fits, else the eager forward."""
+        graphs = self.prefill_graphs
+        if graphs is not None and graphs.can_run(sum(c.num_new_tokens for c in chunks), len(chunks)):
+            return graphs.run(
+                [c.seq.token_ids(c.start, c.start + c.num_new_tokens) for c in chunks],
+                [c.start for c in chunks],
+                [c.seq.block_ids for c in chunks],
+                [c.samples for c in chunks],
+            )
         return self._eager(chunks)
 
     def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
@@ -367,7 +387,7 @@ class Engine:
     def close(self) -> None:
         """Deactivate and give the address ranges back (the model is removed from this worker)."""
         self.deactivate()
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         self.model = None
         del self.kv_cache
         self.kv.close()
