@@ -9,10 +9,11 @@ What is modelled: the device and the clock. A step of model m takes
 
     overhead + (weight bytes + bytes of the KV its chunks attend to) / bandwidth + prefill tokens x 2 x parameters / compute
 
-and a step with prefill (run eagerly, no CUDA graph) at least as long as its launches (`--eager-us-per-layer`
-of host time a layer, measured); one step after another (as if the host never made the device wait
-between steps: perfect overlap). `--split-min-decodes` models the engine's split of such steps (decodes
-graphed, prefill eager: the weights read twice). The defaults fit the measured
+and a step with prefill that runs eager (more than `--prefill-graph-tokens` tokens: above the engine's
+prefill graphs) at least as long as its launches (`--eager-us-per-layer` of host time a layer,
+measured); one step after another (as if the host never made the device wait between steps: perfect
+overlap). `--split-min-decodes` models the engine's split of such steps (decodes in a decode graph, the
+prompt chunks apart: the weights read twice). Both default to the engine's values. The defaults fit the measured
 engine: 8B decode 5.6 ms and 1B 1.3 ms (dedicated TPOT P95s on the H200: 5.1 and 1.4 ms); 8B prefill
 of 512 / 2048 tokens 23 / 67 ms (H100 engine benchmark: 23 / 65 ms). KV memory is a byte budget of
 `--kv-gb`, shared by all models (prism), or split equally among them (static, as `StaticPlacement`).
@@ -63,9 +64,12 @@ class Device:
     """Host time to launch one layer of an eager step (a step with prefill): the device cannot finish such
     a step sooner. H200 (results/step_cost-h200.json): an eager decode step takes 13.2 ms for the 8B
     (32 layers, 32 decodes) and 6.6 ms for the 1B (16 layers), launch-bound; graphed 5.5 and 1.5 ms."""
-    split_min_decodes: int = 0
-    """From this many decodes on, a step with prefill runs its decodes as a graph and only its prefill
-    eager (the engine's SPLIT_MIN_DECODES); the weights are read twice. 0: never split."""
+    split_min_decodes: int = 64
+    """From this many decodes on, a step with prefill runs its decodes as a graph and its prefill apart
+    (the engine's SPLIT_MIN_DECODES); the weights are read twice. 0: never split."""
+    prefill_graph_tokens: int = 512
+    """A step with prefill of at most this many tokens (its prompt chunks when split, else all of them) is
+    a graph replay: no launch floor (the engine's largest prefill graph). 0: every such step eager."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,9 @@ class SimModel:
                    entry.get("max_num_seqs", 256), entry.get("max_num_batched_tokens", 2048))
 
     def step_s(self, plan: StepPlan, device: Device) -> float:
-        """A graphed step: its device work. An eager one (with prefill): the longer of its launches and
-        its device work; split, the device reads the weights once more (graph, then the prefill)."""
+        """A graphed step: its device work. An eager one (with prefill, above the prefill graphs): the
+        longer of its launches and its device work. Split, the device reads the weights once more (the
+        decode graph, then the prefill)."""
         attended = sum(c.start + c.num_new_tokens for c in plan.chunks)
         prefill = sum(c.num_new_tokens for c in plan.chunks if c.start < c.seq.num_prompt_tokens)
         memory_s = (self.weight_bytes + attended * self.kv_bytes_per_token) / device.bandwidth_bytes_s
@@ -105,8 +110,12 @@ class SimModel:
         if not prefill:
             return device.overhead_s + work_s
         decodes = sum(c.num_new_tokens == 1 for c in plan.chunks)
+        graphed_tokens = sum(c.num_new_tokens for c in plan.chunks)
         if device.split_min_decodes and decodes >= device.split_min_decodes:
             work_s += self.weight_bytes / device.bandwidth_bytes_s
+            graphed_tokens -= decodes
+        if graphed_tokens <= device.prefill_graph_tokens:
+            return device.overhead_s + work_s
         return device.overhead_s + max(device.eager_s_per_layer * self.num_layers, work_s)
 
     def prefill_tokens_per_s(self, device: Device) -> float:
@@ -336,8 +345,10 @@ def main() -> None:
                         help="plan each step on the results of the last (a worker with scheduler.overlap_steps: false)")
     parser.add_argument("--eager-us-per-layer", type=float, default=Device.eager_s_per_layer * 1e6,
                         help="host launch time per layer of an eager step (a step with prefill)")
-    parser.add_argument("--split-min-decodes", type=int, default=0,
+    parser.add_argument("--split-min-decodes", type=int, default=Device.split_min_decodes,
                         help="model the engine's split of mixed steps from this many decodes on (0: no split)")
+    parser.add_argument("--prefill-graph-tokens", type=int, default=Device.prefill_graph_tokens,
+                        help="steps with prefill up to this many tokens are graph replays, no launch floor (0: all eager)")
     parser.add_argument("--host", action="store_true", help="model the host too (serial steps): engine work plus the scheduler's measured time")
     parser.add_argument("--host-engine-ms", type=float, default=Host.engine_s * 1e3)
     parser.add_argument("--host-scheduler-scale", type=float, default=1.0, help="scale the scheduler's measured time (faster host: < 1)")
@@ -350,7 +361,8 @@ def main() -> None:
     jobs = trace_jobs(args, [m.name for m in models])
     slos = json.loads(args.slos.read_text())
     slos = slos.get("dedicated_p95", slos)
-    device = Device(eager_s_per_layer=args.eager_us_per_layer / 1e6, split_min_decodes=args.split_min_decodes)
+    device = Device(eager_s_per_layer=args.eager_us_per_layer / 1e6, split_min_decodes=args.split_min_decodes,
+                    prefill_graph_tokens=args.prefill_graph_tokens)
     host = Host(args.host_engine_ms / 1e3, args.host_scheduler_scale) if args.host else None
     result = {"benchmark": "simulate", "command": " ".join(["python", *sys.argv]), "date": datetime.now().astimezone().isoformat(timespec="seconds"),
               "card": "modelled (H200 fit)", "device": device.__dict__, "host": host.__dict__ if host else None, "kv_gb": args.kv_gb,

@@ -13,7 +13,7 @@ from benchmarks.replay import TraceRequest
 from benchmarks.simulate import Device, SimModel, simulate
 
 ROOT = Path(__file__).resolve().parents[2]
-DEVICE = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=1e-3)
+DEVICE = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=1e-3, split_min_decodes=0, prefill_graph_tokens=0)
 SLOS = {"m": {"ttft_p95_s": 1.0, "tpot_p95_s": 1.0}, "n": {"ttft_p95_s": 1.0, "tpot_p95_s": 1.0}}
 
 
@@ -62,11 +62,29 @@ def test_an_eager_step_takes_at_least_its_launches_and_a_split_one_reads_the_wei
     plan = StepPlan("m", [*(ScheduledChunk(s, 4, 1) for s in decodes), ScheduledChunk(prompt, 0, 5)], [], [])
     kv_s = (3 * 5 + 5) * 1000 / 1e12
     work_s = 1e9 / 1e12 + kv_s + 5 * 1e9 / 1e12
-    slow_host = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=5e-3)
+    slow_host = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=5e-3, split_min_decodes=0, prefill_graph_tokens=0)
     assert m.step_s(plan, slow_host) == pytest.approx(2 * 5e-3)  # launch-bound: two layers of launches
     assert m.step_s(plan, DEVICE) == pytest.approx(work_s)  # device-bound
-    split = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=1e-3, split_min_decodes=3)
+    split = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=1e-3, split_min_decodes=3, prefill_graph_tokens=0)
     assert m.step_s(plan, split) == pytest.approx(work_s + 1e9 / 1e12)  # the graph and the prefill each read the weights
+
+
+def test_a_step_within_the_prefill_graphs_pays_no_launch_floor_and_a_larger_one_does():
+    from scheduler.local import ScheduledChunk, StepPlan
+    from scheduler.sequence import Sequence
+
+    m = model()
+    decodes = [Sequence(f"d{i}", "m", [1] * 4, 8, 0.0) for i in range(3)]
+    for seq in decodes:
+        seq.output_token_ids.append(2)
+    prompt = Sequence("p", "m", [1] * 5, 8, 0.0)
+    plan = StepPlan("m", [*(ScheduledChunk(s, 4, 1) for s in decodes), ScheduledChunk(prompt, 0, 5)], [], [])
+    work_s = 1e9 / 1e12 + (3 * 5 + 5) * 1000 / 1e12 + 5 * 1e9 / 1e12
+    slow = dict(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=5e-3)
+    assert m.step_s(plan, Device(**slow, split_min_decodes=0, prefill_graph_tokens=8)) == pytest.approx(work_s)  # 8 tokens: graphed whole
+    assert m.step_s(plan, Device(**slow, split_min_decodes=0, prefill_graph_tokens=7)) == pytest.approx(2 * 5e-3)  # one token over: eager
+    # split, only the prompt's 5 tokens go to a prefill graph: graphed, the weights read twice
+    assert m.step_s(plan, Device(**slow, split_min_decodes=3, prefill_graph_tokens=5)) == pytest.approx(work_s + 1e9 / 1e12)
 
 
 def test_the_command_line_writes_a_result_per_policy_and_scale(tmp_path):
