@@ -44,7 +44,7 @@ class ModelSpec(msgspec.Struct, frozen=True):
     ttft_slo_s: float = 2.0
     tpot_slo_s: float = 0.2
     priority: int = 0
-    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (GPU only)
+    cuda_graphs: bool = True  # capture decode steps and steps with prompts up to 512 tokens as CUDA graphs (GPU only)
     kv_budget_bytes: int | None = None  # a fixed cap on this model's KV (static partitioning); None: elastic
 
 

@@ -50,18 +50,23 @@ def test_static_splits_the_kv_memory_so_a_burst_on_one_model_waits_where_prism_l
     assert static["ttft_attainment"] == 0.5 and static["ttft_p50_s"] == pytest.approx(0.031, abs=1e-3)
 
 
-def test_an_eager_step_takes_at_least_its_launches_and_a_split_one_reads_the_weights_twice():
+def mixed_plan():
+    """A step of three decodes (5 tokens of context each) and a 5-token prompt, and its device work on
+    DEVICE's numbers: the weights and 20 tokens of KV read, 5 tokens computed."""
     from scheduler.local import ScheduledChunk, StepPlan
     from scheduler.sequence import Sequence
 
-    m = model()
     decodes = [Sequence(f"d{i}", "m", [1] * 4, 8, 0.0) for i in range(3)]
     for seq in decodes:
         seq.output_token_ids.append(2)
     prompt = Sequence("p", "m", [1] * 5, 8, 0.0)
     plan = StepPlan("m", [*(ScheduledChunk(s, 4, 1) for s in decodes), ScheduledChunk(prompt, 0, 5)], [], [])
-    kv_s = (3 * 5 + 5) * 1000 / 1e12
-    work_s = 1e9 / 1e12 + kv_s + 5 * 1e9 / 1e12
+    return plan, 1e9 / 1e12 + (3 * 5 + 5) * 1000 / 1e12 + 5 * 1e9 / 1e12
+
+
+def test_an_eager_step_takes_at_least_its_launches_and_a_split_one_reads_the_weights_twice():
+    m = model()
+    plan, work_s = mixed_plan()
     slow_host = Device(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=5e-3, split_min_decodes=0, prefill_graph_tokens=0)
     assert m.step_s(plan, slow_host) == pytest.approx(2 * 5e-3)  # launch-bound: two layers of launches
     assert m.step_s(plan, DEVICE) == pytest.approx(work_s)  # device-bound
@@ -70,16 +75,8 @@ def test_an_eager_step_takes_at_least_its_launches_and_a_split_one_reads_the_wei
 
 
 def test_a_step_within_the_prefill_graphs_pays_no_launch_floor_and_a_larger_one_does():
-    from scheduler.local import ScheduledChunk, StepPlan
-    from scheduler.sequence import Sequence
-
     m = model()
-    decodes = [Sequence(f"d{i}", "m", [1] * 4, 8, 0.0) for i in range(3)]
-    for seq in decodes:
-        seq.output_token_ids.append(2)
-    prompt = Sequence("p", "m", [1] * 5, 8, 0.0)
-    plan = StepPlan("m", [*(ScheduledChunk(s, 4, 1) for s in decodes), ScheduledChunk(prompt, 0, 5)], [], [])
-    work_s = 1e9 / 1e12 + (3 * 5 + 5) * 1000 / 1e12 + 5 * 1e9 / 1e12
+    plan, work_s = mixed_plan()
     slow = dict(bandwidth_bytes_s=1e12, flops=1e12, overhead_s=0.0, eager_s_per_layer=5e-3)
     assert m.step_s(plan, Device(**slow, split_min_decodes=0, prefill_graph_tokens=8)) == pytest.approx(work_s)  # 8 tokens: graphed whole
     assert m.step_s(plan, Device(**slow, split_min_decodes=0, prefill_graph_tokens=7)) == pytest.approx(2 * 5e-3)  # one token over: eager

@@ -15,6 +15,8 @@ an eager forward); capturing the forward once per shape and replaying it removes
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from workers.engine.batch import DeviceMeta, ForwardBatch
@@ -26,6 +28,21 @@ DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # 13.2 ms, against 10.9 ms eager). Above 512 tokens even a 1B model's step is mostly device work (an 8B
 # layer at 512 tokens is ~0.4 ms of matmuls, as much as its eager launches): those run eager.
 DEFAULT_PREFILL_TOKENS = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512)
+
+
+def capture_graph(step: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """`step` run twice on a side stream (kernel compilation, cuBLAS workspaces), then captured into a
+    graph on memory `pool` (None: a new pool); returns the graph and its static output."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out
 
 
 class DecodeGraphs:
@@ -80,18 +97,10 @@ class DecodeGraphs:
         self._tables.copy_(self._host_tables)
         for batch_size in reversed(self.batch_sizes):
             batch = self._static_batch(batch_size)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: kernel compilation, cuBLAS workspaces
-                    self.model.logits(self.model.forward(batch, self.kv_cache))
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                logits = self.model.logits(self.model.forward(batch, self.kv_cache))
-            if self._pool is None:
-                self._pool = graph.pool()
+            graph, logits = capture_graph(lambda b=batch: self.model.logits(self.model.forward(b, self.kv_cache)), self._pool)
             self._graphs[batch_size] = (graph, logits)
+            if self._pool is None:  # the first (largest) capture's pool, shared by the rest
+                self._pool = graph.pool()
         torch.cuda.synchronize()
 
     def can_run(self, batch_size: int) -> bool:
@@ -178,18 +187,10 @@ class PrefillGraphs:
         self._copy_inputs(self.token_counts[-1])
         for num_tokens in reversed(self.token_counts):
             batch = self._static_batch(num_tokens)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: kernel compilation, cuBLAS workspaces
-                    self.model.forward(batch, self.kv_cache)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                hidden = self.model.forward(batch, self.kv_cache)
-            if self._pool is None:
-                self._pool = graph.pool()
+            graph, hidden = capture_graph(lambda b=batch: self.model.forward(b, self.kv_cache), self._pool)
             self._graphs[num_tokens] = (graph, hidden)
+            if self._pool is None:  # the first (largest) capture's pool, shared by the rest
+                self._pool = graph.pool()
         torch.cuda.synchronize()
 
     def can_run(self, num_tokens: int, num_seqs: int) -> bool:
