@@ -1,8 +1,8 @@
-"""PrefillGraphs on the GPU: a replay gives the logits of the eager forward on the same inputs, for
+"""PrefillGraphs. On the GPU: a replay gives the logits of the eager forward on the same inputs, for
 chunks from position 0 and after a cached prefix, with decodes among them, at and between the captured
-token counts, and writes the same KV.
-
-`pytest -m gpu tests/workers/test_prefill_graphs.py` on the device machine (the graphs need CUDA).
+token counts, and writes the same KV (`pytest -m gpu tests/workers/test_prefill_graphs.py` on the device
+machine: capture needs CUDA). On the CPU: the staging of a step's inputs (padding conventions included),
+the captured sizes, and the refusal of a step no graph fits.
 """
 
 from __future__ import annotations
@@ -10,11 +10,61 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.factories import make_spec, make_tiny_checkpoint
+from tests.factories import make_pool, make_spec, make_tiny_checkpoint
 from workers.engine.batch import build_batch
+from workers.engine.cuda_graphs import PrefillGraphs
 from workers.offline import OfflineRunner
 
-pytestmark = pytest.mark.gpu
+
+@pytest.fixture(scope="module")
+def cpu_model(tmp_path_factory):
+    checkpoint = make_tiny_checkpoint("llama", tmp_path_factory.mktemp("llama-cpu"), seed=6)
+    runner = OfflineRunner(make_spec(checkpoint, name="llama"), "cpu", make_pool(256 * 1024**2))
+    yield runner.engine
+    runner.close()
+
+
+def staged(engine, max_seqs: int = 4, max_tokens: int = 100) -> PrefillGraphs:
+    return PrefillGraphs(engine.model, engine.kv_cache, engine.block_size, max_seqs, max_tokens, max_blocks_per_seq=8)
+
+
+def test_staging_flattens_the_step_and_pads_with_tokens_that_write_no_kv(cpu_model):
+    graphs = staged(cpu_model)
+    # a 3-token chunk from position 14 (crossing into its second block), a decode, a chunk that samples nothing
+    sampled = graphs._fill([[5, 6, 7], [9], [4, 4]], [14, 40, 0], [[3, 8], [1, 2, 4], [6]], [True, True, False])
+    assert sampled == 2
+    tokens, seqs, tables = graphs._host_tokens_np, graphs._host_seqs_np, graphs._host_tables_np
+    assert tokens[:, :6].tolist() == [[5, 6, 7, 9, 4, 4], [14, 15, 16, 40, 0, 1], [3, 3, 8, 4, 6, 6], [14, 15, 0, 8, 0, 1]]
+    assert (tokens[2, 6:] == -1).all() and (tokens[0, 6:] == 0).all()  # padding: slot block -1, masked off by the cache write
+    assert seqs[:, :3].tolist() == [[0, 3, 4], [3, 1, 2], [17, 41, 2], [2, 3, 0]]  # starts, lengths, contexts, sampled rows
+    assert (seqs[:3, 3:] == 0).all()  # a padding sequence has no query rows
+    assert tables[:3, :3].tolist() == [[3, 8, 0], [1, 2, 4], [6, 0, 0]]
+
+
+def test_a_smaller_step_leaves_nothing_of_the_one_before(cpu_model):
+    graphs = staged(cpu_model)
+    graphs._fill([[1] * 20, [2], [3]], [0, 7, 9], [[1, 2], [3], [4]], [True, True, True])
+    assert graphs._fill([[8, 9]], [0], [[5]], [True]) == 1
+    tokens, seqs = graphs._host_tokens_np, graphs._host_seqs_np
+    assert tokens[:, :2].tolist() == [[8, 9], [0, 1], [5, 5], [0, 1]] and (tokens[2, 2:] == -1).all()
+    assert seqs[:, 0].tolist() == [0, 2, 2, 1] and (seqs[:, 1:] == 0).all()
+
+
+def test_token_counts_stop_at_the_step_budget():
+    class Model:
+        device = torch.device("cpu")
+
+    sizes = lambda max_tokens: PrefillGraphs(Model(), None, 16, 4, max_tokens, 8).token_counts  # noqa: E731
+    assert sizes(100) == [16, 32, 48, 64, 96, 100]  # the budget itself is the largest graph
+    assert sizes(48) == [16, 32, 48]
+    assert sizes(2048) == [16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512]  # larger steps run eager
+
+
+def test_a_step_no_graph_fits_is_refused_with_the_sizes(cpu_model):
+    graphs = staged(cpu_model)
+    assert not graphs.can_run(16, 1)  # nothing captured (on the CPU nothing can be)
+    with pytest.raises(ValueError, match="no prefill graph for 5 tokens in 1 chunks"):
+        graphs.run([[1] * 5], [0], [[1]], [True])
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +103,7 @@ def step_slots(engine, spans, tables) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(blocks, device=engine.device), torch.tensor(offsets, device=engine.device)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize(
     "spans, samples",
     [
@@ -86,6 +137,7 @@ def test_a_replay_gives_the_eager_logits_and_writes_the_same_kv(engine, spans, s
             engine.kv.free(table)
 
 
+@pytest.mark.gpu
 def test_a_step_with_no_sampling_chunk_returns_nothing(engine):
     chunks, starts, tables = random_step(engine, torch.Generator().manual_seed(9), [(0, 20)], [False])
     try:
@@ -94,6 +146,7 @@ def test_a_step_with_no_sampling_chunk_returns_nothing(engine):
         engine.kv.free(tables[0])
 
 
+@pytest.mark.gpu
 def test_steps_beyond_the_graphs_are_refused(engine):
     graphs = engine.prefill_graphs
     assert not graphs.can_run(101, 1)

@@ -53,6 +53,39 @@ class ForwardBatch:
         return tables, mask[:, None, None, :]
 
 
+@dataclass
+class FlatChunks:
+    """Per-sequence chunks flattened into one row of tokens (host lists): what every step's inputs are made of."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slot_blocks: list[int]  # block of the KV slot each token writes
+    slot_offsets: list[int]
+    query_starts: list[int]  # per sequence
+    query_lens: list[int]
+    context_lens: list[int]  # cached + new
+    sample_indices: list[int]  # rows whose logits are sampled: the sampling chunks' last rows, in chunk order
+
+
+def flatten_chunks(
+    token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]], sample_mask: list[bool], block_size: int
+) -> FlatChunks:
+    """Chunk i's tokens sit at positions start_positions[i]... of its sequence, whose KV blocks are block_tables[i]."""
+    flat = FlatChunks([], [], [], [], [], [], [], [])
+    for chunk, start, sample, table in zip(token_chunks, start_positions, sample_mask, block_tables):
+        flat.query_starts.append(len(flat.token_ids))
+        flat.query_lens.append(len(chunk))
+        flat.context_lens.append(start + len(chunk))
+        flat.token_ids.extend(chunk)
+        span = range(start, start + len(chunk))
+        flat.positions.extend(span)
+        flat.slot_blocks.extend(table[p // block_size] for p in span)
+        if sample:
+            flat.sample_indices.append(len(flat.token_ids) - 1)
+    flat.slot_offsets = [p % block_size for p in flat.positions]
+    return flat
+
+
 def build_batch(
     token_chunks: list[list[int]],
     start_positions: list[int],
@@ -70,33 +103,19 @@ def build_batch(
     copy from pageable memory, as `torch.tensor(..., device="cuda")` makes, synchronises the stream.)
     """
     device = torch.device(device)
-    token_ids: list[int] = []
-    positions: list[int] = []
-    slot_blocks: list[int] = []
-    query_starts, query_lens, context_lens, sample_indices = [], [], [], []
-    for chunk, start, sample, table in zip(token_chunks, start_positions, sample_mask, block_tables):
-        query_starts.append(len(token_ids))
-        query_lens.append(len(chunk))
-        context_lens.append(start + len(chunk))
-        token_ids.extend(chunk)
-        span = range(start, start + len(chunk))
-        positions.extend(span)
-        slot_blocks.extend(table[p // block_size] for p in span)
-        if sample:
-            sample_indices.append(len(token_ids) - 1)
-    offsets = [p % block_size for p in positions]
-    int64_fields = [token_ids, positions, slot_blocks, offsets, sample_indices]
+    flat = flatten_chunks(token_chunks, start_positions, block_tables, sample_mask, block_size)
+    int64_fields = [flat.token_ids, flat.positions, flat.slot_blocks, flat.slot_offsets, flat.sample_indices]
     meta = None
     if with_device_meta:
         width = max(len(t) for t in block_tables)
         padded = [block for table in block_tables for block in (*table, *([0] * (width - len(table))))]
-        tables, context_t, starts_t, lens_t = _upload([padded, context_lens, query_starts, query_lens], torch.int32, device)
+        tables, context_t, starts_t, lens_t = _upload([padded, flat.context_lens, flat.query_starts, flat.query_lens], torch.int32, device)
         meta = DeviceMeta(
             block_tables=tables.view(len(block_tables), width),
             context_lens=context_t,
             query_starts=starts_t,
             query_lens=lens_t,
-            max_query_len=max(query_lens),
+            max_query_len=max(flat.query_lens),
         )
         int64_fields.append(padded)  # the torch attention path's per-sequence tables: views of one upload
     token_t, position_t, slot_block_t, offset_t, sample_t, *rest = _upload(int64_fields, torch.int64, device)
@@ -110,12 +129,12 @@ def build_batch(
         positions=position_t,
         slot_block_ids=slot_block_t,
         slot_offsets=offset_t,
-        query_starts=query_starts,
-        query_lens=query_lens,
-        context_lens=context_lens,
+        query_starts=flat.query_starts,
+        query_lens=flat.query_lens,
+        context_lens=flat.context_lens,
         block_tables=tables_t,
         sample_indices=sample_t,
-        decode_only=all(n == 1 for n in query_lens),
+        decode_only=all(n == 1 for n in flat.query_lens),
         device_meta=meta,
     )
 

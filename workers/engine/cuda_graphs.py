@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from workers.engine.batch import DeviceMeta, ForwardBatch
+from workers.engine.batch import DeviceMeta, ForwardBatch, flatten_chunks
 from workers.engine.llama import LlamaModel
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -154,9 +154,10 @@ class PrefillGraphs:
         width = self.token_counts[-1]
         # Per token: id, position, slot block, slot offset. Per sequence: query start, query length,
         # context length, sampled row (the sampling chunks' last rows first, in chunk order).
-        self._host_tokens = torch.zeros(4, width, dtype=torch.int32, pin_memory=True)
-        self._host_seqs = torch.zeros(4, max_seqs, dtype=torch.int32, pin_memory=True)
-        self._host_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        pin = device.type == "cuda"  # on the CPU only the staging runs (tests); capture needs CUDA
+        self._host_tokens = torch.zeros(4, width, dtype=torch.int32, pin_memory=pin)
+        self._host_seqs = torch.zeros(4, max_seqs, dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.zeros(max_seqs, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin)
         self._host_tokens_np, self._host_seqs_np, self._host_tables_np = (
             t.numpy() for t in (self._host_tokens, self._host_seqs, self._host_tables)
         )
@@ -200,6 +201,9 @@ class PrefillGraphs:
         """Logits of the sampling chunks' last tokens, in chunk order (None if no chunk samples); the
         caller has allocated every KV slot. Same inputs as `build_batch`."""
         num_tokens = sum(len(c) for c in token_chunks)
+        if not self.can_run(num_tokens, len(token_chunks)):
+            raise ValueError(f"no prefill graph for {num_tokens} tokens in {len(token_chunks)} chunks "
+                             f"(captured: up to {self.token_counts[-1]} tokens, {self.max_seqs} chunks; see can_run)")
         graph_tokens = next(n for n in self.token_counts if n >= num_tokens)
         num_sampled = self._fill(token_chunks, start_positions, block_tables, sample_mask)
         self._copy_inputs(graph_tokens)
@@ -214,30 +218,16 @@ class PrefillGraphs:
         self._tables.copy_(self._host_tables, non_blocking=True)
 
     def _fill(self, token_chunks: list[list[int]], start_positions: list[int], block_tables: list[list[int]], sample_mask: list[bool]) -> int:
-        """Stage one step's inputs in the pinned buffers; return how many rows sample."""
-        bs = self.block_size
+        """Stage one step's inputs in the host buffers; return how many rows sample."""
+        flat = flatten_chunks(token_chunks, start_positions, block_tables, sample_mask, self.block_size)
         tokens, seqs, tables = self._host_tokens_np, self._host_seqs_np, self._host_tables_np
-        ids, positions, starts, lens, sampled = [], [], [], [], []
-        for chunk, start, sample in zip(token_chunks, start_positions, sample_mask):
-            starts.append(len(ids))
-            lens.append(len(chunk))
-            ids += chunk
-            positions += range(start, start + len(chunk))
-            if sample:
-                sampled.append(len(ids) - 1)
-        n, s = len(ids), len(lens)
-        tokens[0, :n] = ids
-        tokens[1, :n] = positions
-        slots = [table[p // bs] for table, start, length in zip(block_tables, start_positions, lens) for p in range(start, start + length)]
-        tokens[2, :n] = slots
-        tokens[3, :n] = [p % bs for p in positions]
+        n, s, k = len(flat.token_ids), len(flat.query_lens), len(flat.sample_indices)
+        tokens[:, :n] = (flat.token_ids, flat.positions, flat.slot_blocks, flat.slot_offsets)
         tokens[:, n:] = ((0,), (0,), (-1,), (0,))  # padding tokens: no sequence, no KV write
-        seqs[0, :s] = starts
-        seqs[1, :s] = lens
-        seqs[2, :s] = [start + length for start, length in zip(start_positions, lens)]
+        seqs[:3, :s] = (flat.query_starts, flat.query_lens, flat.context_lens)
         seqs[:3, s:] = 0  # padding sequences: no query rows
-        seqs[3, :] = 0
-        seqs[3, : len(sampled)] = sampled
+        seqs[3, :k] = flat.sample_indices
+        seqs[3, k:] = 0
         for row, table in enumerate(block_tables):
             tables[row, : len(table)] = table
-        return len(sampled)
+        return k
