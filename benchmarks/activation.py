@@ -30,10 +30,11 @@ sys.path.insert(0, str(ROOT))
 from memory import PagePool  # noqa: E402
 from memory.cuda_backend import CudaBackend  # noqa: E402
 from memory.host_store import HostWeightStore  # noqa: E402
-from scheduler.local import LocalScheduler, ModelQueue  # noqa: E402
+from scheduler.local import LocalScheduler  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
-from workers.messages import ModelSpec, SamplingParams  # noqa: E402
+from workers.step_loop import model_queue  # noqa: E402
+from workers.contract.messages import ModelSpec, SamplingParams  # noqa: E402
 
 
 def pinned_bandwidth(num_bytes: int = 1024**3) -> tuple[float, float]:
@@ -59,14 +60,14 @@ def spec_for(name: str) -> ModelSpec:
     config = json.loads((ROOT / "configs" / "shapes" / f"{name}.json").read_text())
     return ModelSpec(
         name=name, weights_dir=None, hf_config=config, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-        block_size=16, max_num_seqs=32, max_num_batched_tokens=2048, eos_token_ids=[], seed=0,
+        block_size=16, max_num_seqs=32, max_num_batched_tokens=2048, eos_token_ids=[], seed=0, ttft_slo_s=2.0, tpot_slo_s=0.2,
     )
 
 
 def first_token_s(engine: Engine, prompt_len: int = 128) -> float:
     """Prefill a prompt and sample its first token on an active engine (scheduler included)."""
     scheduler = LocalScheduler("fcfs")
-    scheduler.add_model(ModelQueue(engine.spec.name, engine.kv, engine.block_size, 32, 2048))
+    scheduler.add_model(model_queue(engine))
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     seq = Sequence("ttft", engine.spec.name, list(range(1, prompt_len + 1)), 1, time.time(), params)
     scheduler.add(seq)

@@ -69,7 +69,7 @@ def engine_latency(config: Path, model: str, prompt: list[int], tokens: int, rep
     from controller.catalog import build_catalog
     from controller.registry import load_registry
     from tests.factories import make_pool
-    from workers.messages import SamplingParams
+    from workers.contract.messages import SamplingParams
     from workers.offline import OfflineRunner
     from workers.weights.prepare import default_cache_dir
 

@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 from memory import PagePool  # noqa: E402
 from memory.cuda_backend import CudaBackend  # noqa: E402
-from workers.messages import ModelSpec, SamplingParams  # noqa: E402
+from workers.contract.messages import ModelSpec, SamplingParams  # noqa: E402
 from workers.offline import OfflineRunner  # noqa: E402
-from workers.weights.arch import Arch  # noqa: E402
+from workers.contract.sizing import Arch  # noqa: E402
 from workers.weights.checkpoint import iter_dummy  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def copy_bandwidth(num_bytes: int = 2 * 1024**3) -> float:
 def make_runner(config: dict, max_num_seqs: int, budget_bytes: int) -> OfflineRunner:
     spec = ModelSpec(
         name="bench", weights_dir=None, hf_config=config, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-        block_size=16, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, eos_token_ids=[], seed=0,
+        block_size=16, max_num_seqs=max_num_seqs, max_num_batched_tokens=4096, eos_token_ids=[], seed=0, ttft_slo_s=2.0, tpot_slo_s=0.2,
     )
     return OfflineRunner(spec, "cuda:0", PagePool(CudaBackend("cuda:0"), budget_bytes))
 

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.factories import make_pool, make_spec, smollm2_dir  # noqa: E402
-from workers.messages import SamplingParams  # noqa: E402
+from workers.contract.messages import SamplingParams  # noqa: E402
 from workers.offline import OfflineRunner  # noqa: E402
 
 QUESTIONS = [

@@ -33,7 +33,7 @@ from memory.cuda_backend import CudaBackend  # noqa: E402
 from scheduler.local import LocalScheduler  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
-from workers.messages import ModelSpec, SamplingParams  # noqa: E402
+from workers.contract.messages import ModelSpec, SamplingParams  # noqa: E402
 from workers.step_loop import StepLoop, model_queue  # noqa: E402
 
 PRISM_MIX = ["llama-3.1-8b"] * 3 + ["llama-3.2-3b"] + ["llama-3.2-1b"] * 4
@@ -46,7 +46,7 @@ def make_engines(mix: list[str], pool: PagePool, max_num_seqs: int) -> dict[str,
         spec = ModelSpec(
             name=f"{shape}-{index}", weights_dir=None, hf_config=config, load_format="dummy", dtype="bfloat16",
             max_model_len=4096, block_size=16, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
-            eos_token_ids=[], seed=index,
+            eos_token_ids=[], seed=index, ttft_slo_s=2.0, tpot_slo_s=0.2,
         )
         engine = Engine(spec, torch.device("cuda:0"), pool)
         engine.activate()

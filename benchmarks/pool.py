@@ -38,8 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from memory import HostBackend, KVSpace, PagePool, WeightSpace  # noqa: E402
+from memory import HostBackend, KVSpace, PagePool  # noqa: E402
 from memory.backend import PageBackend  # noqa: E402
+from tests.memory.weight_space import WeightSpace  # noqa: E402
 
 MIB = 1024 * 1024
 PAGE_BYTES = 2 * MIB

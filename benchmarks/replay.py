@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scheduler.local_policy import TPOT_TARGETS  # noqa: E402
-from workers.gc_heap import GcPauses, freeze_heap  # noqa: E402
-from workers.messages import GC_PAUSE_BUCKETS_S, GcStats  # noqa: E402
+from workers.contract.gc_heap import GcPauses, freeze_heap  # noqa: E402
+from workers.contract.messages import GC_PAUSE_BUCKETS_S, GcStats  # noqa: E402
 
 CLIENT_GC = GcPauses()  # the replaying process's own collections: installed by main(), recorded per point
 

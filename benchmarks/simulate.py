@@ -41,8 +41,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import yaml  # noqa: E402
 
 from benchmarks.replay import Result, TraceRequest, add_trace_arguments, highest_scale, plot, summarize, trace_jobs  # noqa: E402
 from scheduler.local import LocalScheduler, ModelQueue, StepPlan  # noqa: E402
@@ -50,9 +48,9 @@ from scheduler.local_policy import DEFAULT_TPOT_TARGET, TPOT_TARGETS  # noqa: E4
 from scheduler.prefill_order import PrefillSpeed  # noqa: E402
 from scheduler.sequence import Sequence  # noqa: E402
 from workers.step_loop import StepCounts  # noqa: E402
-from workers.weights.arch import Arch  # noqa: E402
+from controller.registry import ModelConfig, load_registry  # noqa: E402
+from workers.contract.sizing import Arch, ModelSize  # noqa: E402
 
-DTYPE = torch.bfloat16  # the dummy-weight models of the GPU runs
 
 
 @dataclass(frozen=True)
@@ -93,11 +91,12 @@ class SimModel:
     max_num_batched_tokens: int
 
     @classmethod
-    def from_registry(cls, entry: dict, config_dir: Path) -> SimModel:
-        arch = Arch.from_hf_config(json.loads((config_dir / entry["config"]).read_text()))
-        params = arch.num_parameters()
-        return cls(entry["name"], params * DTYPE.itemsize, arch.kv_bytes_per_token(DTYPE), 2.0 * params, arch.num_layers,
-                   entry.get("max_num_seqs", 256), entry.get("max_num_batched_tokens", 2048))
+    def from_registry(cls, config: ModelConfig, device: str = "cuda:0") -> SimModel:
+        """A model of a validated registry (its defaults are the registry's), sized as the controller sizes it."""
+        arch = Arch.from_hf_config(json.loads(config.config.read_text()))
+        size = ModelSize.of(arch, config.dtype, device)
+        return cls(config.name, size.weight_bytes, size.kv_bytes_per_token, 2.0 * arch.num_parameters(), arch.num_layers,
+                   config.max_num_seqs, config.max_num_batched_tokens)
 
     def step_s(self, plan: StepPlan, device: Device) -> float:
         """A graphed step: its device work. An eager one (with prefill, above the prefill graphs): the
@@ -356,8 +355,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "simulate.json")
     args = parser.parse_args()
 
-    registry = yaml.safe_load(args.config.read_text())
-    models = [SimModel.from_registry(entry, args.config.parent) for entry in registry["models"]]
+    models = [SimModel.from_registry(config) for config in load_registry(args.config).models]
     jobs = trace_jobs(args, [m.name for m in models])
     slos = json.loads(args.slos.read_text())
     slos = slos.get("dedicated_p95", slos)

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine import make_runner  # noqa: E402
-from workers.messages import SamplingParams  # noqa: E402
+from workers.contract.messages import SamplingParams  # noqa: E402
 from workers.offline import OfflineRunner  # noqa: E402
 
 PROMPT_TOKENS = 256

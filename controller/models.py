@@ -1,32 +1,39 @@
-"""The model manager: which models are resident where, and carrying out the global scheduler's decisions.
+"""The model manager: the registry's models as the controller sees them, and the decisions about them.
 
-Every registry model has a runtime state (inactive -> activating -> active -> evicting -> inactive) and a
-device. A request for a model that is not active waits here (its wait counts in its TTFT): the global
-scheduler (scheduler/placement.py) decides where to activate it and which idle models to evict for
-room, and the manager carries that out through the workers. A periodic cycle asks the scheduler for
-pending activations, evictions under memory pressure, idle evictions and migrations. Evicting a model
-first stops new requests from reaching it and drains those in flight (up to a timeout; the rest fail
-clearly), then unmaps it on its worker. Pinned models are never evicted. Every activation and
-eviction, with its duration, goes to the event log and the metrics.
+Every registry model has one runtime (`controller/runtime.py`: inactive -> activating -> active ->
+evicting -> inactive, a device, its request counts); `runtimes` is the controller's one table of models.
+A request for a model that is not active waits here (its wait counts in its TTFT). Decisions come from
+the global scheduler (scheduler/placement.py): on a request's arrival, in a periodic cycle (pending
+activations, evictions under memory pressure, idle evictions, at most one migration), at start-up and
+from the admin API; the action executor (`controller/executor.py`) carries every one of them out.
+
+What the controller believes a worker holds is checked against each of that worker's heartbeats: a
+model the controller thinks active there that the worker does not hold is marked inactive (its next
+request activates it again), and a model the worker holds that the controller does not place there is
+evicted; both are logged as errors and recorded as `residency_repaired` events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
+from typing import Callable
 
 from controller.catalog import CatalogEntry
 from controller.errors import Unavailable
 from controller.events import EventLog
+from controller.executor import ActionExecutor
 from controller.metrics import Metrics
 from controller.registry import Registry
+from controller.runtime import ModelRuntime
 from controller.worker_handle import WorkerGone, WorkerHandle
-from scheduler.cluster import Activate, ClusterState, DeviceInfo, Evict, Migrate, ModelInfo, ModelState
-from scheduler.placement import GlobalScheduler, PlacementConfig
-from scheduler.pressure import EvictionCost, PressureModel, compute_share
+from scheduler.cluster import Action, Activate, ClusterState, DeviceInfo, Evict, ModelInfo, ModelState
+from scheduler.placement import GlobalScheduler
+from scheduler.pressure import compute_share
 from scheduler.rates import RateTracker
+from workers.contract import messages as m
 
 logger = logging.getLogger("prism.controller")
 
@@ -38,86 +45,48 @@ PREFILL_TOKENS_PER_S = {"cpu": 500.0, "cuda": 20000.0}
 LOAD_BANDWIDTH = {"cpu": 2e9, "cuda": 5e10}
 
 
-@dataclass(eq=False)
-class ModelRuntime:
-    entry: CatalogEntry
-    weight_bytes: int
-    kv_bytes_per_token: int
-    pinned: bool
-    state: ModelState = ModelState.INACTIVE
-    device: str | None = None
-    kv_budget_bytes: int | None = None  # a fixed KV cap (static baseline); None: elastic
-    num_waiting: int = 0  # requests waiting for it to become active
-    num_running: int = 0  # requests submitted to its worker
-    activated_s: float | None = None
-    error: str | None = None  # why the last activation failed for good
-    last_activation: dict = field(default_factory=dict)
-    activating: asyncio.Task | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def name(self) -> str:
-        return self.entry.name
-
-    def notify(self) -> None:
-        """Wake everyone waiting on a change of this model's state."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def changed(self, timeout_s: float) -> None:
-        await asyncio.wait_for(self._changed.wait(), timeout_s)
-
-
 class ModelManager:
     def __init__(self, registry: Registry, catalog: dict[str, CatalogEntry], workers: dict[str, WorkerHandle],
                  metrics: Metrics, events: EventLog):
         self.registry = registry
-        self.catalog = catalog
         self.workers = workers
         self.metrics = metrics
         self.events = events
         sched = registry.scheduler
         self.rates = RateTracker(window_s=sched.rate_window_s)
-        self.global_scheduler = GlobalScheduler(sched.policy, self._placement_config())
-        self.local_policy = "prism" if sched.policy == "prism" else "fcfs"
+        kinds = {d.split(":")[0] for d in workers} or {"cpu"}
+        self.global_scheduler = GlobalScheduler(sched.policy, sched.placement(min(LOAD_BANDWIDTH[k] for k in kinds)))
         self.runtimes: dict[str, ModelRuntime] = {}
         for entry in catalog.values():
-            self.add_runtime(entry)
+            self.add(entry)
+        self.executor = ActionExecutor(registry, self.runtimes, workers, metrics, events)
         self._plan_lock = asyncio.Lock()  # one placement decision at a time: memory is never double-booked
         self._cycle: asyncio.Task | None = None
         self.restoring: dict[str, str] = {}  # model -> worker id: resident there when the worker died
         for worker in workers.values():
             worker.on_exit = self._on_worker_exit
             worker.on_ready = self._on_worker_ready
+            worker.on_heartbeat = self._reconcile
 
-    def _placement_config(self) -> PlacementConfig:
-        s = self.registry.scheduler
-        devices = {d.split(":")[0] for d in self.workers} if self.workers else {"cpu"}
-        load_bandwidth = min(LOAD_BANDWIDTH[d] for d in devices)
-        return PlacementConfig(
-            idle_evict_s=s.idle_evict_s, max_idle_s=s.max_idle_s, migration_gain=s.migration_gain,
-            migration_cooldown_s=s.migration_cooldown_s, max_models_per_device=s.max_models_per_device,
-            swap_keep_alive_s=s.swap_keep_alive_s,
-            pressure=PressureModel(min_kv_reserve_tokens=s.min_kv_reserve_tokens),
-            eviction=EvictionCost(load_bytes_per_s=load_bandwidth),
-        )
+    # --- the table of models ----------------------------------------------------------------------
 
-    def add_runtime(self, entry: CatalogEntry) -> ModelRuntime:
-        import torch
-
-        from workers.weights.layout import WeightLayout
-
-        dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[entry.config.dtype]
-        first_device = next(iter(self.workers), "cpu")
-        dtype = dtype or (torch.float32 if first_device == "cpu" else torch.bfloat16)
-        runtime = ModelRuntime(
-            entry=entry,
-            weight_bytes=WeightLayout.of(entry.arch, dtype).num_bytes,
-            kv_bytes_per_token=entry.arch.kv_bytes_per_token(dtype),
-            pinned=entry.config.pinned,
-        )
+    def add(self, entry: CatalogEntry) -> ModelRuntime:
+        size = entry.size(next(iter(self.workers), "cpu"))
+        runtime = ModelRuntime(entry, size.weight_bytes, size.kv_bytes_per_token, entry.config.pinned)
         self.runtimes[entry.name] = runtime
         return runtime
+
+    def entry(self, name: str) -> CatalogEntry | None:
+        runtime = self.runtimes.get(name)
+        return runtime.entry if runtime is not None else None
+
+    @property
+    def entries(self) -> dict[str, CatalogEntry]:
+        return {name: runtime.entry for name, runtime in self.runtimes.items()}
+
+    @property
+    def num_in_flight(self) -> int:
+        return sum(r.num_in_flight for r in self.runtimes.values())
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -125,19 +94,19 @@ class ModelManager:
         """Activate pinned models, then the others in registry order while they fit without evicting."""
         for worker in self.workers.values():
             await worker.wait_ready(STARTUP_TIMEOUT_S)
-        ordered = sorted(self.runtimes.values(), key=lambda r: not r.pinned)
-        for runtime in ordered:
+        for runtime in sorted(self.runtimes.values(), key=lambda r: not r.pinned):
             if self.global_scheduler.policy.name != "prism" and not runtime.pinned:
                 continue  # the baselines decide themselves (static: all at once in its first cycle)
-            await self._activate(runtime, device=None, reason="startup", allow_evictions=runtime.pinned)
+            allow_evictions = runtime.pinned
+            await self._decide(lambda state, name=runtime.name: self._arrival(name, state, allow_evictions), "startup", wait=True)
         self._cycle = asyncio.create_task(self._run_cycles(), name="placement-cycle")
 
     async def stop(self) -> None:
         if self._cycle is not None:
             self._cycle.cancel()
         for runtime in self.runtimes.values():
-            if runtime.activating is not None:
-                runtime.activating.cancel()
+            if runtime.task is not None:
+                runtime.task.cancel()
 
     async def _run_cycles(self) -> None:
         while True:
@@ -149,15 +118,20 @@ class ModelManager:
 
     async def cycle(self) -> None:
         """One periodic decision: pending activations, evictions, at most one migration."""
+        await self._decide(lambda state: self.global_scheduler.plan(time.monotonic(), state), "scheduler")
+
+    async def _decide(self, decide: Callable[[ClusterState], list[Action]], reason: str, wait: bool = False,
+                      drain_timeout_s: float | None = None) -> list:
+        """Ask for actions against the current state and start them, as one step; with `wait`, their results."""
         async with self._plan_lock:
-            actions = self.global_scheduler.plan(time.monotonic(), self.cluster_state())
-        for action in actions:
-            if isinstance(action, Activate):
-                self._start_activation(self.runtimes[action.model], action.device, "scheduler", action.kv_budget_bytes)
-            elif isinstance(action, Evict):
-                asyncio.create_task(self.evict(action.model, action.reason))
-            elif isinstance(action, Migrate):
-                asyncio.create_task(self._migrate(action))
+            tasks = self.executor.begin(decide(self.cluster_state()), reason, drain_timeout_s)
+        return await asyncio.gather(*tasks) if wait else []
+
+    def _arrival(self, name: str, state: ClusterState, allow_evictions: bool = True) -> list[Action]:
+        actions = self.global_scheduler.on_arrival(time.monotonic(), name, state)
+        if not allow_evictions and any(isinstance(a, Evict) for a in actions):
+            return []
+        return actions
 
     # --- requests ---------------------------------------------------------------------------------
 
@@ -174,8 +148,8 @@ class ModelManager:
                     return self.workers[runtime.device]
                 if runtime.error is not None:
                     raise Unavailable(f"model {model!r} cannot be activated: {runtime.error}", retry_after_s=30)
-                if runtime.state is ModelState.INACTIVE and runtime.activating is None:
-                    self._start_activation(runtime, None, "request")
+                if runtime.state is ModelState.INACTIVE and time.monotonic() >= runtime.retry_after_s:
+                    await self._decide(lambda state: self._arrival(model, state), "request")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Unavailable(f"model {model!r} is not available yet ({runtime.state.value}); retry later", retry_after_s=5)
@@ -195,188 +169,48 @@ class ModelManager:
         if runtime.num_running == 0:
             runtime.notify()  # an eviction may be draining
 
-    # --- activation -------------------------------------------------------------------------------
+    def not_resident(self, model: str, worker_id: str) -> None:
+        """The worker refused a request because it does not hold `model`: repair the controller's view."""
+        runtime = self.runtimes.get(model)
+        if runtime is not None and runtime.state is ModelState.ACTIVE and runtime.device == worker_id:
+            self._repair(runtime, worker_id, "the worker refused a request for it as not resident")
 
-    def _start_activation(self, runtime: ModelRuntime, device: str | None, reason: str, kv_budget: int | None = None) -> None:
-        if runtime.activating is not None or runtime.state is not ModelState.INACTIVE:
-            return
-        runtime.activating = asyncio.create_task(self._activate(runtime, device, reason, kv_budget=kv_budget))
+    # --- admin ------------------------------------------------------------------------------------
 
     async def activate(self, model: str, device: str | None = None) -> dict:
         """Admin: activate now (optionally on `device`), evicting idle models if needed."""
         runtime = self.runtimes[model]
         if runtime.state is ModelState.ACTIVE:
             return {"model": model, "state": "active", "device": runtime.device}
-        if runtime.activating is not None:
-            await asyncio.shield(runtime.activating)
-        else:
+        if runtime.state is ModelState.INACTIVE:
             runtime.error = None
-            runtime.activating = asyncio.current_task()
-            await self._activate(runtime, device, "admin")
+            await self._decide(lambda state: self._plan_activation(model, device, state), "admin", wait=True)
+        elif runtime.task is not None:
+            await asyncio.shield(runtime.task)
         if runtime.state is not ModelState.ACTIVE:
             raise Unavailable(f"model {model!r} could not be activated: {runtime.error or 'no room on any device now'}", retry_after_s=5)
         return {"model": model, "state": "active", "device": runtime.device, "times": runtime.last_activation}
 
-    async def _activate(self, runtime: ModelRuntime, device: str | None, reason: str, kv_budget: int | None = None,
-                        allow_evictions: bool = True) -> None:
-        try:
-            started = time.monotonic()
-            async with self._plan_lock:
-                if runtime.state is not ModelState.INACTIVE:
-                    return
-                plan = self._plan_activation(runtime, device)
-                target = next((a for a in plan if isinstance(a, Activate) and a.model == runtime.name), None)
-                victims = [a for a in plan if isinstance(a, Evict)]
-                if target is None or (victims and not allow_evictions):
-                    return  # no room now: requests wait; a later cycle (or a finished request) retries
-                for victim in victims:
-                    self.runtimes[victim.model].state = ModelState.EVICTING
-                runtime.state, runtime.device = ModelState.ACTIVATING, target.device
-                runtime.kv_budget_bytes = kv_budget if kv_budget is not None else target.kv_budget_bytes
-                runtime.notify()
-            for victim in victims:
-                await self._evict_now(self.runtimes[victim.model], victim.reason)
-            await self._load(runtime, reason, started)
-        finally:
-            runtime.activating = None
-
-    def _plan_activation(self, runtime: ModelRuntime, device: str | None) -> list:
-        state = self.cluster_state()
+    def _plan_activation(self, model: str, device: str | None, state: ClusterState) -> list[Action]:
         if device is None:
-            return self.global_scheduler.on_arrival(time.monotonic(), runtime.name, state)
+            return self._arrival(model, state)
         # A device chosen by the operator: plan as if the model preferred it and only that device existed.
         only = ClusterState(
             tuple(d for d in state.devices if d.device_id == device),
-            tuple(m if m.name != runtime.name else _with(m, preferred_device=device) for m in state.models),
+            tuple(m if m.name != model else dataclasses.replace(m, preferred_device=device) for m in state.models),
         )
         if not only.devices:
-            raise Unavailable(f"no worker on device {device!r}")
-        return self.global_scheduler.on_arrival(time.monotonic(), runtime.name, only)
-
-    async def _load(self, runtime: ModelRuntime, reason: str, started: float) -> None:
-        worker = self.workers[runtime.device]
-        spec = runtime.entry.spec(runtime.device, self.registry.memory.block_size, runtime.kv_budget_bytes)
-        try:
-            reply = await worker.activate(spec)
-        except WorkerGone as exc:
-            reply = None
-            error, kind = str(exc), "no_memory"  # transient: retried once the worker is back
-        else:
-            error, kind = reply.error, reply.error_kind
-        elapsed = time.monotonic() - started
-        if error is None:
-            runtime.state, runtime.activated_s = ModelState.ACTIVE, time.monotonic()
-            runtime.last_activation = {"total_s": elapsed, "worker_s": reply.total_s, "stage_s": reply.stage_s,
-                                       "map_copy_s": reply.map_copy_s, "build_s": reply.build_s, "graphs_s": reply.graphs_s}
-            self.metrics.activations.labels(runtime.name, "ok").inc()
-            self.metrics.activation_seconds.labels(runtime.name).observe(elapsed)
-            self.events.add("activated", runtime.name, runtime.device, elapsed, reason)
-        else:
-            self.metrics.activations.labels(runtime.name, "failed").inc()
-            self.events.add("activation_failed", runtime.name, runtime.device, elapsed, error)
-            runtime.state, runtime.device = ModelState.INACTIVE, None
-            if kind != "no_memory":
-                runtime.error = error  # a broken model: its requests fail instead of waiting
-        runtime.notify()
-
-    # --- eviction ---------------------------------------------------------------------------------
+            raise Unavailable(f"no worker on device {device!r} is ready")
+        return self.global_scheduler.on_arrival(time.monotonic(), model, only)
 
     async def evict(self, model: str, reason: str = "admin", drain_timeout_s: float | None = None) -> dict:
         """Stop routing to `model`, drain its requests (up to the timeout; the rest fail), unload it."""
         runtime = self.runtimes[model]
-        async with self._plan_lock:
-            if runtime.state is not ModelState.ACTIVE:
-                return {"model": model, "state": runtime.state.value}
-            runtime.state = ModelState.EVICTING
-            runtime.notify()
-        return await self._evict_now(runtime, reason, drain_timeout_s)
-
-    async def _evict_now(self, runtime: ModelRuntime, reason: str, drain_timeout_s: float | None = None) -> dict:
-        started = time.monotonic()
-        drain = self.registry.scheduler.evict_drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        deadline = started + drain
-        while runtime.num_running > 0 and time.monotonic() < deadline:
-            try:
-                await runtime.changed(deadline - time.monotonic())
-            except asyncio.TimeoutError:
-                break
-        failed = 0
-        worker = self.workers.get(runtime.device)
-        if worker is not None:
-            try:
-                failed = (await worker.evict(runtime.name, reason)).num_failed
-            except WorkerGone:
-                pass  # the worker died: the model's memory went with it
-        elapsed = time.monotonic() - started
-        self.events.add("evicted", runtime.name, runtime.device, elapsed, f"{reason}; {failed} request(s) failed" if failed else reason)
-        self.metrics.evictions.labels(runtime.name, reason.split(":")[0]).inc()
-        self.metrics.eviction_seconds.labels(runtime.name).observe(elapsed)
-        runtime.state, runtime.device, runtime.activated_s = ModelState.INACTIVE, None, None
-        runtime.notify()
-        return {"model": runtime.name, "state": "inactive", "evict_s": elapsed, "failed_requests": failed}
-
-    async def _migrate(self, action: Migrate) -> None:
-        runtime = self.runtimes[action.model]
-        await self.evict(action.model, f"migration to {action.dst}")
-        if runtime.state is ModelState.INACTIVE:
-            self._start_activation(runtime, action.dst, f"migration from {action.src}")
-
-    def _on_worker_exit(self, worker: WorkerHandle) -> None:
-        for runtime in self.runtimes.values():
-            if runtime.device == worker.worker_id and runtime.state is not ModelState.INACTIVE:
-                self.events.add("worker_exited", runtime.name, worker.worker_id, detail="weights lost; restored when it is back")
-                if runtime.state is ModelState.ACTIVE:
-                    self.restoring[runtime.name] = worker.worker_id
-                runtime.state, runtime.device, runtime.activated_s = ModelState.INACTIVE, None, None
-                runtime.notify()
-
-    def _on_worker_ready(self, worker: WorkerHandle) -> None:
-        """A restarted worker: bring back the models it held (requests for them are waiting already)."""
-        for name, worker_id in list(self.restoring.items()):
-            if worker_id == worker.worker_id and name in self.runtimes:
-                asyncio.create_task(self._restore(self.runtimes[name], worker_id))
-
-    async def _restore(self, runtime: ModelRuntime, device: str) -> None:
-        try:
-            if runtime.activating is not None:
-                await asyncio.shield(runtime.activating)
-            elif runtime.state is ModelState.INACTIVE:
-                runtime.activating = asyncio.current_task()
-                await self._activate(runtime, device, "restore after worker restart", allow_evictions=False)
-        finally:
-            self.restoring.pop(runtime.name, None)
-
-    # --- state ------------------------------------------------------------------------------------
-
-    def cluster_state(self) -> ClusterState:
-        now = time.monotonic()
-        devices = tuple(
-            DeviceInfo(worker.worker_id, worker.pool_budget_bytes) for worker in self.workers.values() if worker.pool_budget_bytes
-        )
-        return ClusterState(devices, tuple(self._model_info(r, now) for r in self.runtimes.values()))
-
-    def _model_info(self, runtime: ModelRuntime, now: float) -> ModelInfo:
-        rates = self.rates.rates(now, runtime.name)
-        kind = (runtime.device or next(iter(self.workers), "cpu")).split(":")[0]
-        slo = runtime.entry.config.slo
-        step_s = runtime.weight_bytes / MEMORY_BANDWIDTH[kind]
-        stats = self.workers[runtime.device].model_stats(runtime.name) if runtime.device in self.workers else None
-        return ModelInfo(
-            name=runtime.name,
-            weight_bytes=runtime.weight_bytes,
-            kv_bytes_per_token=runtime.kv_bytes_per_token,
-            tpot_slo_s=slo.tpot_s,
-            ttft_slo_s=slo.ttft_s,
-            pinned=runtime.pinned,
-            device_id=runtime.device,
-            state=runtime.state,
-            rates=rates,
-            compute_share=compute_share(rates, step_s, slo.tpot_s, PREFILL_TOKENS_PER_S[kind]),
-            num_inflight=runtime.num_waiting + runtime.num_running,
-            kv_bytes_in_use=stats.kv_pages_mapped * self.registry.memory.page_bytes if stats else 0,
-            preferred_device=runtime.entry.config.device,
-            activated_s=runtime.activated_s,
-        )
+        if runtime.state is not ModelState.ACTIVE:
+            return {"model": model, "state": runtime.state.value}
+        results = await self._decide(lambda state: [Evict(model, runtime.device, reason)], reason, wait=True,
+                                     drain_timeout_s=drain_timeout_s)
+        return results[0] if results else {"model": model, "state": runtime.state.value}
 
     def dry_run(self, model: str) -> dict:
         """If `model` were activated now: where, what would be evicted, and about how long it would take."""
@@ -402,9 +236,10 @@ class ModelManager:
 
     async def remove(self, model: str) -> None:
         runtime = self.runtimes[model]
-        if runtime.state is not ModelState.INACTIVE:
-            runtime.pinned = False
-            await self.evict(model, "removed", drain_timeout_s=self.registry.scheduler.evict_drain_timeout_s)
+        runtime.pinned = False
+        if runtime.task is not None:
+            await asyncio.gather(asyncio.shield(runtime.task), return_exceptions=True)
+        await self.evict(model, "removed")
         for worker in self.workers.values():
             try:
                 await worker.forget(model)
@@ -413,8 +248,91 @@ class ModelManager:
         del self.runtimes[model]
         self.rates.forget(model)
 
+    # --- workers ----------------------------------------------------------------------------------
 
-def _with(model: ModelInfo, **changes) -> ModelInfo:
-    import dataclasses
+    def _on_worker_exit(self, worker: WorkerHandle) -> None:
+        for runtime in self.runtimes.values():
+            if runtime.device == worker.worker_id and runtime.state is not ModelState.INACTIVE:
+                self.events.add("worker_exited", runtime.name, worker.worker_id, detail="weights lost; restored when it is back")
+                if runtime.state is ModelState.ACTIVE:
+                    self.restoring[runtime.name] = worker.worker_id
+                runtime.activated_s = None
+                runtime.set_state(ModelState.INACTIVE, None)
 
-    return dataclasses.replace(model, **changes)
+    def _on_worker_ready(self, worker: WorkerHandle) -> None:
+        """A (re)started worker: bring back the models it held, and wake the requests waiting for a device."""
+        restore = [name for name, wid in self.restoring.items() if wid == worker.worker_id and name in self.runtimes]
+        if restore:
+            asyncio.create_task(self._restore(restore, worker.worker_id))
+        for runtime in self.runtimes.values():
+            runtime.notify()
+
+    async def _restore(self, names: list[str], device: str) -> None:
+        def restore(state: ClusterState) -> list[Action]:
+            return [Activate(n, device, self.runtimes[n].kv_budget_bytes) for n in names if self.runtimes[n].state is ModelState.INACTIVE]
+
+        try:
+            await self._decide(restore, "restore after worker restart", wait=True)
+        finally:
+            for name in names:
+                self.restoring.pop(name, None)
+
+    def _reconcile(self, worker: WorkerHandle, beat: m.Heartbeat) -> None:
+        """Compare the controller's view of `worker` with what it reports holding; repair disagreements.
+        Models with an action in flight are skipped: the worker's reply, which follows its state, settles them."""
+        held = {s.name for s in beat.models if s.resident}
+        for runtime in self.runtimes.values():
+            here = runtime.device == worker.worker_id
+            if runtime.state is ModelState.ACTIVE and here and runtime.name not in held:
+                self._repair(runtime, worker.worker_id, "the worker's heartbeat does not list it")
+            elif runtime.name in held and not here and runtime.state in (ModelState.ACTIVE, ModelState.INACTIVE):
+                logger.error("residency: worker %s holds %s, which the controller places %s; evicting it there",
+                             worker.worker_id, runtime.name, runtime.device or "nowhere")
+                self.events.add("residency_repaired", runtime.name, worker.worker_id, detail="held by a worker that should not: evicted")
+                asyncio.create_task(self._evict_stray(worker, runtime.name))
+
+    def _repair(self, runtime: ModelRuntime, worker_id: str, why: str) -> None:
+        logger.error("residency: %s is active on %s in the controller's view, but %s; marking it inactive", runtime.name, worker_id, why)
+        self.events.add("residency_repaired", runtime.name, worker_id, detail=f"{why}: marked inactive")
+        runtime.activated_s = None
+        runtime.set_state(ModelState.INACTIVE, None)
+
+    @staticmethod
+    async def _evict_stray(worker: WorkerHandle, name: str) -> None:
+        try:
+            await worker.evict(name, "not placed on this worker")
+        except WorkerGone:
+            pass
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def cluster_state(self) -> ClusterState:
+        """The scheduler's input: the devices of ready workers, and every model."""
+        now = time.monotonic()
+        devices = tuple(
+            DeviceInfo(w.worker_id, w.pool_budget_bytes) for w in self.workers.values() if w.state == "ready" and w.pool_budget_bytes
+        )
+        return ClusterState(devices, tuple(self._model_info(r, now) for r in self.runtimes.values()))
+
+    def _model_info(self, runtime: ModelRuntime, now: float) -> ModelInfo:
+        rates = self.rates.rates(now, runtime.name)
+        kind = (runtime.device or next(iter(self.workers), "cpu")).split(":")[0]
+        slo = runtime.entry.config.slo
+        step_s = runtime.weight_bytes / MEMORY_BANDWIDTH[kind]
+        stats = self.workers[runtime.device].model_stats(runtime.name) if runtime.device in self.workers else None
+        return ModelInfo(
+            name=runtime.name,
+            weight_bytes=runtime.weight_bytes,
+            kv_bytes_per_token=runtime.kv_bytes_per_token,
+            tpot_slo_s=slo.tpot_s,
+            ttft_slo_s=slo.ttft_s,
+            pinned=runtime.pinned,
+            device_id=runtime.device,
+            state=runtime.state,
+            rates=rates,
+            compute_share=compute_share(rates, step_s, slo.tpot_s, PREFILL_TOKENS_PER_S[kind]),
+            num_inflight=runtime.num_in_flight,
+            kv_bytes_in_use=stats.kv_pages_mapped * self.registry.memory.page_bytes if stats else 0,
+            preferred_device=runtime.entry.config.device,
+            activated_s=runtime.activated_s,
+        )

@@ -31,6 +31,9 @@ from pydantic import (
 )
 
 from scheduler.local_policy import DEFAULT_TPOT_TARGET, TPOT_TARGETS
+from scheduler.placement_config import PlacementConfig
+from scheduler.pressure import EvictionCost, PressureModel
+from workers.contract.config import WorkerConfig
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -95,6 +98,21 @@ class SchedulerConfig(_Strict):
     tokens at 5x the SLO under contention (it misses anyway), leaving the device to requests that can
     still meet theirs."""
 
+    @property
+    def local_policy(self) -> str:
+        """The workers' step order across models: the prism policy's, or first come first served."""
+        return "prism" if self.policy == "prism" else "fcfs"
+
+    def placement(self, load_bytes_per_s: float) -> PlacementConfig:
+        """The global scheduler's settings (`load_bytes_per_s`: host-to-device weight bandwidth)."""
+        return PlacementConfig(
+            idle_evict_s=self.idle_evict_s, max_idle_s=self.max_idle_s, migration_gain=self.migration_gain,
+            migration_cooldown_s=self.migration_cooldown_s, max_models_per_device=self.max_models_per_device,
+            swap_keep_alive_s=self.swap_keep_alive_s,
+            pressure=PressureModel(min_kv_reserve_tokens=self.min_kv_reserve_tokens),
+            eviction=EvictionCost(load_bytes_per_s=load_bytes_per_s),
+        )
+
 
 class MemoryConfig(_Strict):
     cpu_budget_bytes: ByteSize = ByteSize(4 * 1024**3)
@@ -102,7 +120,11 @@ class MemoryConfig(_Strict):
     host_store_bytes: ByteSize = ByteSize(32 * 1024**3)
     """Shared host memory for staged weight images (fast re-activation); least recently used dropped first."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    """Share of each GPU's memory given to its page pool."""
+    """Share of each GPU's memory a worker may use: its page pool plus `gpu_reserved_bytes`."""
+    gpu_reserved_bytes: ByteSize = ByteSize(2 * 1024**3)
+    """GPU memory each worker keeps outside its pool (activations, CUDA graph pools, cuBLAS workspaces)."""
+    host_store_dir: Path = Path("/dev/shm")
+    """Folder of the staged weight images: a tmpfs, so that every worker maps the same pages."""
     page_bytes: ByteSize = ByteSize(2 * 1024**2)
     """Physical page size (the CUDA VMM granularity is 2 MiB)."""
     block_size: int = Field(16, ge=1, le=1024)
@@ -231,6 +253,17 @@ class Registry(_Strict):
                 raise ValueError(f"model name {name!r} appears twice")
             seen.add(name)
         return self
+
+    def worker_config(self, store_prefix: str) -> WorkerConfig:
+        """What every worker of this registry is told when it connects."""
+        memory, scheduler = self.memory, self.scheduler
+        return WorkerConfig(
+            cpu_budget_bytes=int(memory.cpu_budget_bytes), gpu_memory_utilization=memory.gpu_memory_utilization,
+            gpu_reserved_bytes=int(memory.gpu_reserved_bytes), page_bytes=int(memory.page_bytes),
+            host_store_bytes=int(memory.host_store_bytes), host_store_dir=str(memory.host_store_dir),
+            store_prefix=store_prefix, local_policy=scheduler.local_policy, tpot_target=scheduler.tpot_target,
+            overlap_steps=scheduler.overlap_steps,
+        )
 
     def model(self, name: str) -> ModelConfig:
         for model in self.models:

@@ -38,13 +38,13 @@ class RegistryOps:
 
     async def add(self, config: ModelConfig) -> dict:
         async with self._lock:
-            if config.name in self.server.catalog:
+            if config.name in self.server.manager.runtimes:
                 raise Conflict(f"model {config.name!r} exists; use PUT to update it", param="name")
             return await self._add(config)
 
     async def update(self, name: str, config: ModelConfig) -> dict:
         async with self._lock:
-            if name not in self.server.catalog:
+            if name not in self.server.manager.runtimes:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="name")
             if config.name != name:
                 raise InvalidRequest(f"the body names {config.name!r}, the path {name!r}", param="name")
@@ -53,7 +53,7 @@ class RegistryOps:
 
     async def remove(self, name: str) -> dict:
         async with self._lock:
-            if name not in self.server.catalog:
+            if name not in self.server.manager.runtimes:
                 raise ModelNotFound(f"the model {name!r} does not exist", param="name")
             await self._remove(name)
             return {"removed": name}
@@ -69,7 +69,7 @@ class RegistryOps:
             except RegistryError as exc:
                 raise InvalidRequest(f"the registry file is invalid, nothing changed:\n{exc}") from None
             wanted = {m.name: m for m in registry.models}
-            current = {name: entry.config for name, entry in self.server.catalog.items()}
+            current = {name: runtime.entry.config for name, runtime in self.server.manager.runtimes.items()}
             removed = [n for n in current if n not in wanted]
             changed = [n for n in current if n in wanted and wanted[n] != current[n]]
             added = [n for n in wanted if n not in current]
@@ -85,24 +85,22 @@ class RegistryOps:
         server = self.server
         if not resolved:
             try:
-                config = resolve_model(config, self.base, set(server.catalog))
+                config = resolve_model(config, self.base, set(server.manager.runtimes))
             except RegistryError as exc:
                 raise InvalidRequest(str(exc)) from None
         if config.device is not None and config.device not in server.devices:
             raise InvalidRequest(f"device {config.device!r} is not one of {server.devices}", param="device")
         try:
-            entry = await asyncio.to_thread(build_entry, config, server.cache_dir, server.catalog)
+            entry = await asyncio.to_thread(build_entry, config, server.cache_dir, server.manager.entries)
         except CatalogError as exc:
             raise InvalidRequest(str(exc)) from None
-        server.catalog[config.name] = entry
-        server.manager.add_runtime(entry)
+        server.manager.add(entry)
         server.events.add("model_added", config.name)
         return {"added": config.name, "max_model_len": entry.max_model_len}
 
     async def _remove(self, name: str) -> None:
         server = self.server
-        if any(e.config.tokenizer == name for n, e in server.catalog.items() if n != name):
+        if any(e.config.tokenizer == name for n, e in server.manager.entries.items() if n != name):
             raise Conflict(f"other models use the tokenizer of {name!r}; change them first", param="name")
         await server.manager.remove(name)
-        del server.catalog[name]
         server.events.add("model_removed", name)

@@ -1,7 +1,8 @@
-"""The controller's resources in one object: catalog, worker channel, workers, model manager, serving.
+"""The controller's resources in one object: worker channel, workers, model manager, serving.
 
-Built from a validated registry; `start()` launches one worker per device and activates what fits,
-`stop()` drains in-flight requests and stops the workers. Tests build it without HTTP.
+Built from a validated registry and its prepared catalog; `start()` launches one worker per device
+(each is sent the registry's worker configuration when it connects) and activates what fits, `stop()`
+drains in-flight requests and stops the workers. Tests build it without HTTP.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import glob
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -25,22 +27,27 @@ from controller.registry import Registry
 from controller.registry_ops import RegistryOps
 from controller.serving import OpenAIServing
 from controller.worker_handle import WorkerHandle
-from memory.host_store import DEFAULT_ROOT
-from workers.gc_heap import GcPauses
-from workers.messages import GcStats
+from workers.contract.gc_heap import GcPauses
+from workers.contract.messages import GcStats
 
 logger = logging.getLogger("prism.controller")
 
 
 def resolve_devices(devices: list[str] | str) -> list[str]:
+    """`auto`: every GPU the NVIDIA driver lists (`nvidia-smi`; the controller does not import torch or
+    CUDA) that CUDA_VISIBLE_DEVICES leaves visible, else the CPU."""
     if devices != "auto":
         return list(devices)
     try:
-        import torch
-
-        count = torch.cuda.device_count()
-    except Exception:  # no usable CUDA: serve on the CPU
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        count = len(listing.stdout.split()) if listing.returncode == 0 else 0
+    except (OSError, subprocess.TimeoutExpired):  # no driver: serve on the CPU
         count = 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # CUDA stops at the first entry that is not a device
+        entries = [e.strip() for e in visible.split(",")]
+        usable = next((i for i, e in enumerate(entries) if not e or e.startswith("-")), len(entries))
+        count = min(count, usable)
     return [f"cuda:{i}" for i in range(count)] or ["cpu"]
 
 
@@ -48,7 +55,7 @@ class Server:
     def __init__(self, registry: Registry, catalog: dict[str, CatalogEntry], cache_dir: Path, registry_path: Path | None = None,
                  log_format: str = "text"):
         self.registry = registry
-        self.catalog = catalog
+        self._catalog = catalog  # handed to the model manager at start; from then on its table holds the models
         self.cache_dir = cache_dir
         self.registry_path = registry_path
         self.devices = resolve_devices(registry.devices)
@@ -72,31 +79,27 @@ class Server:
     def from_registry(cls, registry: Registry, cache_dir: Path, registry_path: Path | None = None) -> Server:
         return cls(registry, build_catalog(registry, cache_dir), cache_dir, registry_path)
 
-    def _worker_args(self, device: str) -> list[str]:
-        memory = self.registry.memory
-        budget = int(memory.cpu_budget_bytes) if device == "cpu" else 0
-        local_policy = "prism" if self.registry.scheduler.policy == "prism" else "fcfs"
-        return [
-            "--budget-bytes", str(budget),
-            "--page-bytes", str(int(memory.page_bytes)),
-            "--gpu-memory-utilization", str(memory.gpu_memory_utilization),
-            "--host-store-bytes", str(int(memory.host_store_bytes)),
-            "--store-prefix", self.store_prefix,
-            "--local-policy", local_policy,
-            "--tpot-target", self.registry.scheduler.tpot_target,
-            "--log-format", self.log_format,
-            *([] if self.registry.scheduler.overlap_steps else ["--no-overlap"]),
-        ]
-
     async def start(self) -> None:
+        await self.build()
+        await self.launch()
+
+    async def build(self) -> None:
+        """Everything but the worker processes: the channel (listening), the handles, the model manager,
+        serving. The in-process HTTP tests stop here: requests are validated and mapped to errors as
+        served, and a request that needs a worker waits for one that is never started."""
         self.gc_pauses.install()
         self.channel = WorkerChannel()
         self.channel.start()
+        config = self.registry.worker_config(self.store_prefix)
         for device in self.devices:
-            self.workers[device] = WorkerHandle(device, device, self.channel, self._worker_args(device))
-        self.manager = ModelManager(self.registry, self.catalog, self.workers, self.metrics, self.events)
+            self.workers[device] = WorkerHandle(device, device, self.channel, config, self.log_format)
+        self.manager = ModelManager(self.registry, self._catalog, self.workers, self.metrics, self.events)
+        self._catalog = None
         self.client = EngineClient(self.manager, self.registry.server)
-        self.serving = OpenAIServing(self.catalog, self.client, self.registry.server, self.metrics)
+        self.serving = OpenAIServing(self.manager, self.client, self.registry.server, self.metrics)
+
+    async def launch(self) -> None:
+        """Start one worker process per device, then activate what fits."""
         await asyncio.gather(*(worker.start() for worker in self.workers.values()))
         await self.manager.start()
 
@@ -110,12 +113,11 @@ class Server:
         return {"status": "ok" if ok else "degraded", "models": models, "workers": workers, "restoring": restoring}
 
     def _metric_state(self):
-        in_flight = self.client.in_flight if self.client else {}
         runtimes = self.manager.runtimes if self.manager else {}
         by_device: dict[str, dict[str, int]] = {d: {} for d in self.workers}
-        for model, count in in_flight.items():
-            device = runtimes[model].device if model in runtimes else None
-            by_device.setdefault(device or "none", {})[model] = count
+        for model, runtime in runtimes.items():
+            if runtime.num_in_flight:
+                by_device.setdefault(runtime.device or "none", {})[model] = runtime.num_in_flight
         return [(device, worker.last_heartbeat, by_device.get(device, {})) for device, worker in self.workers.items()]
 
     def _gc_state(self) -> list[tuple[str, GcStats]]:
@@ -139,9 +141,9 @@ class Server:
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Let in-flight requests finish (up to `drain_timeout_s`), then stop the workers."""
-        if self.client is not None:
+        if self.manager is not None:
             deadline = time.monotonic() + drain_timeout_s
-            while self.client.num_in_flight and time.monotonic() < deadline:
+            while self.manager.num_in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
         if self.manager is not None:
             await self.manager.stop()
@@ -149,5 +151,5 @@ class Server:
         if self.channel is not None:
             await self.channel.close()
         self.gc_pauses.uninstall()
-        for path in glob.glob(str(DEFAULT_ROOT / f"{self.store_prefix}*")):  # this server's weight images
+        for path in glob.glob(str(self.registry.memory.host_store_dir / f"{self.store_prefix}*")):  # this server's weight images
             Path(path).unlink(missing_ok=True)

@@ -19,20 +19,21 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from controller.catalog import CatalogEntry
-from controller.engine_client import EngineClient
+from controller.engine_client import EngineClient, RoutedStream
 from controller.errors import APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
 from controller.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_request_id, now_s
 from controller.metrics import Metrics
+from controller.models import ModelManager
 from controller.registry import ServerConfig
 from controller.tokenizer import Detokenizer
-from controller.worker_handle import RequestStream
-from workers.messages import SamplingParams, TokenDelta
+from workers.contract.messages import SamplingParams, TokenDelta
 
 logger = logging.getLogger("prism.requests")
 
 ERROR_KINDS: dict[str | None, type[APIError]] = {
     "invalid_request": InvalidRequest,
     "unavailable": Unavailable,
+    "not_resident": Unavailable,  # still refused after ROUTE_ATTEMPTS routes
     "internal": WorkerFailed,
     None: WorkerFailed,
 }
@@ -102,8 +103,8 @@ def _sse(payload: dict | str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, catalog: dict[str, CatalogEntry], client: EngineClient, limits: ServerConfig, metrics: Metrics | None = None):
-        self.catalog = catalog
+    def __init__(self, models: ModelManager, client: EngineClient, limits: ServerConfig, metrics: Metrics | None = None):
+        self.models = models
         self.client = client
         self.limits = limits
         self.metrics = metrics
@@ -112,7 +113,7 @@ class OpenAIServing:
 
     def list_models(self) -> ModelList:
         created = now_s()
-        return ModelList(data=[ModelCard(id=name, created=created, max_model_len=e.max_model_len) for name, e in self.catalog.items()])
+        return ModelList(data=[ModelCard(id=name, created=created, max_model_len=e.max_model_len) for name, e in self.models.entries.items()])
 
     async def completion(self, request: CompletionRequest, raw: Request):
         entry = self._entry(request.model)
@@ -135,7 +136,7 @@ class OpenAIServing:
     # --- preparation ------------------------------------------------------------------------------
 
     def _entry(self, model: str) -> CatalogEntry:
-        entry = self.catalog.get(model)
+        entry = self.models.entry(model)
         if entry is None:
             raise ModelNotFound(f"the model {model!r} does not exist; GET /v1/models lists the models", param="model")
         return entry
@@ -203,7 +204,7 @@ class OpenAIServing:
         finally:
             self._record(gen, outcome)
 
-    async def _collect(self, gen: Generation, fmt: ResponseFormat, stream: RequestStream) -> dict:
+    async def _collect(self, gen: Generation, fmt: ResponseFormat, stream: RoutedStream) -> dict:
         detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
         finish_reason = None
         deadline = time.monotonic() + self.limits.request_timeout_s
@@ -211,7 +212,7 @@ class OpenAIServing:
             finish_reason = self._advance(gen, detok, await self._next(stream, deadline))
         return fmt.response(gen, detok.delta(final=True), finish_reason, self._usage(gen, detok))
 
-    async def _events(self, gen: Generation, fmt: ResponseFormat, stream: RequestStream, resources: contextlib.AsyncExitStack) -> AsyncIterator[str]:
+    async def _events(self, gen: Generation, fmt: ResponseFormat, stream: RoutedStream, resources: contextlib.AsyncExitStack) -> AsyncIterator[str]:
         outcome = "abort"  # unless it ends otherwise: the client went away
         try:
             async with resources:
@@ -247,7 +248,7 @@ class OpenAIServing:
             return "stop"
         return delta.finish_reason
 
-    async def _next(self, stream: RequestStream, deadline: float) -> TokenDelta:
+    async def _next(self, stream: RoutedStream, deadline: float) -> TokenDelta:
         remaining = deadline - time.monotonic()
         try:
             return await asyncio.wait_for(stream.next(), max(remaining, 0.001))

@@ -4,6 +4,10 @@ Workers see token ids only. The detokenizer is incremental (the `tokenizers` Dec
 back bytes of a multi-byte character split across tokens) and applies stop strings: text that could be
 the start of a stop string is held back while streaming, so a stop string that spans tokens never leaks
 into the output, and the text is cut where the stop string begins.
+
+Tokenizers are loaded as transformers' `PreTrainedTokenizerFast` (tokenizer.json and
+tokenizer_config.json, chat template included), not through `AutoTokenizer`, whose config machinery
+imports torch: the controller process does not.
 """
 
 from __future__ import annotations
@@ -12,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizers.decoders import DecodeStream
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerFast
 
 from controller.errors import InvalidRequest
 
 
 class ModelTokenizer:
     def __init__(self, directory: str | Path):
-        self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(directory))
-        self.backend = self.hf.backend_tokenizer if hasattr(self.hf, "backend_tokenizer") else self.hf._tokenizer
+        self.hf = PreTrainedTokenizerFast.from_pretrained(str(directory))
+        self.backend = self.hf.backend_tokenizer
         self.vocab_size = len(self.hf)
 
     def eos_token_ids(self, hf_config: dict) -> list[int]:

@@ -2,8 +2,10 @@
 
 The handle starts the worker and restarts it when it exits unexpectedly: every in-flight request of it
 is failed at once (a 5xx, never a hang), pending activations and evictions fail, and the model manager
-is told that the worker's models are gone (they are activated again on demand). `activate` and `evict`
-send the message and wait for the worker's reply; `submit` and `abort` carry requests.
+is told that the worker's models are gone (they are activated again on demand). A worker that connects
+says Hello and gets its configuration (`Configure`) in answer. `activate` and `evict` send the message
+and wait for the worker's reply; `submit` and `abort` carry requests; every heartbeat is handed to the
+model manager, which reconciles what it believes the worker holds with what the worker reports.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from controller.channel import WorkerChannel
-from workers import messages as m
+from workers.contract import messages as m
+from workers.contract.config import WorkerConfig
 
 logger = logging.getLogger("prism.controller")
 
@@ -60,11 +63,12 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerHandle:
-    def __init__(self, worker_id: str, device: str, channel: WorkerChannel, worker_args: list[str]):
+    def __init__(self, worker_id: str, device: str, channel: WorkerChannel, config: WorkerConfig, log_format: str = "text"):
         self.worker_id = worker_id
         self.device = device
         self.channel = channel
-        self.worker_args = worker_args
+        self.config = config
+        self.log_format = log_format
         self.state = "stopped"  # stopped | starting | ready | dead
         self.pid: int | None = None
         self.num_restarts = 0
@@ -74,6 +78,7 @@ class WorkerHandle:
         self.last_heartbeat_s = 0.0
         self.on_exit: Callable[[WorkerHandle], None] | None = None  # the model manager's hooks
         self.on_ready: Callable[[WorkerHandle], None] | None = None
+        self.on_heartbeat: Callable[[WorkerHandle, m.Heartbeat], None] | None = None
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
@@ -82,6 +87,7 @@ class WorkerHandle:
         self._evictions: dict[str, asyncio.Future] = {}
         channel.register(worker_id, self.on_message)
         self._handlers = {
+            m.Hello: self._on_hello,
             m.WorkerReady: self._on_ready,
             m.ModelActivated: self._on_activated,
             m.ModelEvicted: self._on_evicted,
@@ -111,7 +117,7 @@ class WorkerHandle:
             "--worker-id", self.worker_id,
             "--parent-pid", str(os.getpid()),
             "--log-level", logging.getLevelName(logging.getLogger("prism").getEffectiveLevel()),
-            *self.worker_args,
+            "--log-format", self.log_format,
         ]
         self.state = "starting"
         self._process = await asyncio.create_subprocess_exec(*command)
@@ -222,6 +228,11 @@ class WorkerHandle:
     def on_message(self, message: m.FromWorker) -> None:
         self._handlers[type(message)](message)
 
+    def _on_hello(self, message: m.Hello) -> None:
+        logger.info("worker %s connected (pid %d, %s); sending its configuration", self.worker_id, message.pid, message.device)
+        self.pid = message.pid
+        self.channel.send(self.worker_id, m.Configure(self.config))
+
     def _on_ready(self, message: m.WorkerReady) -> None:
         self.state = "ready"
         self.pid = message.pid
@@ -253,6 +264,8 @@ class WorkerHandle:
     def _on_heartbeat(self, message: m.Heartbeat) -> None:
         self.last_heartbeat = message
         self.last_heartbeat_s = time.monotonic()
+        if self.on_heartbeat is not None and self.state == "ready":
+            self.on_heartbeat(self, message)
 
     def model_stats(self, name: str) -> m.ModelStats | None:
         beat = self.last_heartbeat

@@ -1,8 +1,8 @@
 """Elastic page pool of a device: physical pages mapped into per-model virtual ranges (kvcached idea).
 
 `PagePool` owns a device's memory budget for models, in pages backed by physical chunks (memory/chunks.py);
-`KVSpace` packs a model's KV blocks into pool pages; `WeightSpace` holds a model's weights in pool pages,
-mapped at activation and given back at eviction.
+`KVSpace` packs a model's KV blocks into pool pages; a model's weights live in a WEIGHTS range of the pool
+(the engine maps it at activation and unmaps it at eviction).
 Backends: host (mmap + mprotect + madvise), CUDA VMM (cuda.bindings.driver, imported only when a
 CudaBackend is built), and a fault-injecting wrapper for tests.
 """
@@ -14,7 +14,6 @@ from memory.fault_backend import FaultInjectingBackend
 from memory.host_backend import HostBackend
 from memory.kv_space import CappedKV, KVSpace
 from memory.pool import DEFAULT_CHUNK_PAGES, MemoryKind, PagePool, PoolSnapshot, VirtualRange
-from memory.weight_space import WEIGHT_ALIGNMENT_BYTES, PoolExhaustedError, WeightSpace, weight_bytes_needed
 
 __all__ = [
     "BackendError",
@@ -28,10 +27,6 @@ __all__ = [
     "PageBackend",
     "PagePool",
     "PhysicalChunk",
-    "PoolExhaustedError",
     "PoolSnapshot",
     "VirtualRange",
-    "WEIGHT_ALIGNMENT_BYTES",
-    "WeightSpace",
-    "weight_bytes_needed",
 ]

@@ -25,8 +25,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path("/tmp")
-
 
 @dataclass(eq=False)
 class HostImage:
@@ -84,7 +82,8 @@ def image_key(*parts: object) -> str:
 
 
 class HostWeightStore:
-    def __init__(self, budget_bytes: int, root: Path = DEFAULT_ROOT, prefix: str = "prism-weights-"):
+    def __init__(self, budget_bytes: int, root: Path, prefix: str):
+        """`root`: a tmpfs folder (the registry's `memory.host_store_dir`); `prefix`: this server's image names."""
         self.budget_bytes = budget_bytes
         self.root = Path(root)
         self.prefix = prefix

@@ -105,11 +105,9 @@ class Evict:
 
 @dataclass(frozen=True)
 class Migrate:
-    """Move `model` from `src` to `dst`: GPU-to-GPU copy with peer access, else evict then reactivate.
-
-    A busy model may be migrated: the controller routes new requests to `dst` once it is active there
-    and lets the requests on `src` finish (or re-queues them) before unloading it.
-    """
+    """Move `model` from `src` to `dst`. The controller carries it out as an eviction from `src` (its
+    requests drain for up to `evict_drain_timeout_s`; the rest fail with 503), then an activation on
+    `dst` from the host image; requests that arrive meanwhile wait for the activation."""
 
     model: str
     src: str

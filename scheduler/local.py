@@ -48,8 +48,8 @@ class ModelQueue:
     block_size: int
     max_num_seqs: int
     max_num_batched_tokens: int
-    ttft_slo_s: float = 2.0
-    tpot_slo_s: float = 0.2
+    ttft_slo_s: float
+    tpot_slo_s: float
     priority: int = 0
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)

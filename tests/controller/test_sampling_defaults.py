@@ -59,11 +59,12 @@ def serving(tmp_path):
             max_model_len: 256
     """))
     registry = load_registry(tmp_path / "registry.yaml")
-    return OpenAIServing(build_catalog(registry, tmp_path / "cache"), client=None, limits=registry.server)
+    return OpenAIServing(models=None, client=None, limits=registry.server), build_catalog(registry, tmp_path / "cache")
 
 
-def sampling_of(serving: OpenAIServing, request) -> tuple:
-    entry = serving.catalog[request.model]
+def sampling_of(serving: tuple[OpenAIServing, dict], request) -> tuple:
+    serving, catalog = serving
+    entry = catalog[request.model]
     max_tokens = request.requested_max_tokens if isinstance(request, ChatCompletionRequest) else request.max_tokens
     s = serving._generation("x", entry, request, [1, 2, 3], max_tokens).sampling
     return s.temperature, s.top_p, s.top_k, s.max_tokens

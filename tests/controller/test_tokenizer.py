@@ -56,3 +56,26 @@ def test_chat_template_and_eos(tokenizer):
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert tokenizer.hf.decode(ids).endswith("<|im_start|>assistant\n")
     assert tokenizer.eos_token_ids({"eos_token_id": 2}) == [2]
+
+
+MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXT}, {"role": "assistant", "content": "ok"},
+     {"role": "user", "content": "again"}],
+]
+
+
+@pytest.mark.parametrize("which", ["smollm2", "synthetic"])
+def test_the_controllers_tokenizer_matches_transformers_auto_tokenizer(which, tmp_path):
+    """The controller loads tokenizers without AutoTokenizer (which imports torch): same ids, same chat text."""
+    from transformers import AutoTokenizer
+
+    from workers.weights.synthetic_tokenizer import synthetic_tokenizer_dir
+
+    directory = smollm2_dir() if which == "smollm2" else synthetic_tokenizer_dir(1000, tmp_path)
+    ours, reference = ModelTokenizer(directory), AutoTokenizer.from_pretrained(str(directory))
+    assert ours.vocab_size == len(reference) and ours.hf.eos_token_id == reference.eos_token_id
+    assert ours.encode(TEXT) == reference.encode(TEXT, add_special_tokens=True)
+    for messages in MESSAGES:
+        text = reference.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert ours.apply_chat_template(messages) == reference.encode(text, add_special_tokens=False)

@@ -18,10 +18,8 @@ from memory import (
     FaultInjectingBackend,
     KVSpace,
     PagePool,
-    PoolExhaustedError,
-    WeightSpace,
-    weight_bytes_needed,
 )
+from tests.memory.weight_space import PoolExhaustedError, WeightSpace, weight_bytes_needed
 
 pytestmark = pytest.mark.gpu
 
@@ -253,7 +251,7 @@ def test_pinned_host_memory_copies_to_the_device(backend):
 def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(shm_dir):
     from memory.host_store import HostWeightStore
 
-    store = HostWeightStore(64 * MIB, root=shm_dir)
+    store = HostWeightStore(64 * MIB, root=shm_dir, prefix="prism-test-")
     seen = {}
 
     def fill(image: torch.Tensor) -> None:
@@ -275,7 +273,7 @@ def test_a_weight_image_the_driver_will_not_pin_stays_usable(tmp_path):
     the image is filled and read unpinned, and the refused call's error does not surface in later work."""
     from memory.host_store import HostWeightStore
 
-    store = HostWeightStore(64 * MIB, root=tmp_path)
+    store = HostWeightStore(64 * MIB, root=tmp_path, prefix="prism-test-")
     image = store.acquire("m", 8 * MIB, lambda t: t.copy_(torch.full((t.numel(),), 5, dtype=torch.uint8, device="cuda:0")),
                           pin_device="cuda:0")
     try:

@@ -7,7 +7,8 @@ import mmap
 import pytest
 import torch
 
-from memory import BackendError, FaultInjectingBackend, HostBackend, KVSpace, PagePool, WeightSpace
+from memory import BackendError, FaultInjectingBackend, HostBackend, KVSpace, PagePool
+from tests.memory.weight_space import WeightSpace
 
 MIB = 1024 * 1024
 

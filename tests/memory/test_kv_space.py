@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from memory import BackendError, KVSpace, WeightSpace
+from memory import BackendError, KVSpace
 from tests.memory.checking_backend import PoolRig, make_rig
+from tests.memory.weight_space import WeightSpace
 
 KIB = 1024
 PAGE = 16 * KIB

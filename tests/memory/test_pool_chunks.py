@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memory import BackendError, KVSpace, MemoryKind, WeightSpace
+from memory import BackendError, KVSpace, MemoryKind
 from tests.memory.checking_backend import PoolRig, make_rig
+from tests.memory.weight_space import WeightSpace
 
 KV, WEIGHTS = MemoryKind.KV, MemoryKind.WEIGHTS
 CHUNK = 4

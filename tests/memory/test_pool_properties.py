@@ -22,8 +22,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import pytest
 
-from memory import BackendError, KVSpace, PoolExhaustedError, WeightSpace
+from memory import BackendError, KVSpace
 from tests.memory.checking_backend import make_rig
+from tests.memory.weight_space import PoolExhaustedError, WeightSpace
 
 KIB = 1024
 PAGE = 16 * KIB

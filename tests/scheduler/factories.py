@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from controller.registry import SchedulerConfig
 from scheduler.cluster import ClusterState, DeviceInfo, ModelInfo, ModelState
+from scheduler.placement_config import PlacementConfig
+from scheduler.pressure import EvictionCost
 from scheduler.rates import ModelRates
 
 GB = 10**9
@@ -49,3 +54,8 @@ def model(
 
 def cluster(devices: list[DeviceInfo], models: list[ModelInfo]) -> ClusterState:
     return ClusterState(tuple(devices), tuple(models))
+
+
+def placement_config(**overrides) -> PlacementConfig:
+    """The registry's default placement settings (as the controller builds them), with `overrides`."""
+    return dataclasses.replace(SchedulerConfig().placement(EvictionCost().load_bytes_per_s), **overrides)

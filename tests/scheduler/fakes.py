@@ -48,8 +48,8 @@ class FakeClock:
 
 
 def make_queue(name: str = "m", max_blocks: int = 64, *, block_size: int = 16, max_num_seqs: int = 8,
-               max_num_batched_tokens: int = 256, tpot_slo_s: float = 0.2) -> ModelQueue:
-    return ModelQueue(name, FakeAllocator(max_blocks), block_size, max_num_seqs, max_num_batched_tokens, tpot_slo_s=tpot_slo_s)
+               max_num_batched_tokens: int = 256, ttft_slo_s: float = 2.0, tpot_slo_s: float = 0.2) -> ModelQueue:
+    return ModelQueue(name, FakeAllocator(max_blocks), block_size, max_num_seqs, max_num_batched_tokens, ttft_slo_s, tpot_slo_s)
 
 
 def make_seq(req_id: str, model: str = "m", num_prompt: int = 16, *, max_tokens: int = 4, arrival_s: float = 1000.0,

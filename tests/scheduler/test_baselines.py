@@ -5,19 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 from scheduler.cluster import Activate, Evict, ModelState
-from scheduler.placement import GlobalScheduler, PlacementConfig
+from scheduler.placement import GlobalScheduler
 from scheduler.pressure import PressureModel
-from tests.scheduler.factories import GB, cluster, device, model
+from tests.scheduler.factories import GB, cluster, device, model, placement_config
 
 NO_RESERVE = PressureModel(min_kv_reserve_tokens=0)
 
 
 def static() -> GlobalScheduler:
-    return GlobalScheduler("static", PlacementConfig(pressure=NO_RESERVE))
+    return GlobalScheduler("static", placement_config(pressure=NO_RESERVE))
 
 
 def swap(**overrides) -> GlobalScheduler:
-    return GlobalScheduler("swap", PlacementConfig(pressure=NO_RESERVE, **overrides))
+    return GlobalScheduler("swap", placement_config(pressure=NO_RESERVE, **overrides))
 
 
 def test_static_activates_everything_once_with_fixed_kv_shares_and_honours_preferred_devices():

@@ -7,15 +7,15 @@ import dataclasses
 import pytest
 
 from scheduler.cluster import Activate, ClusterState, Evict, Migrate, ModelState
-from scheduler.placement import GlobalScheduler, PlacementConfig
+from scheduler.placement import GlobalScheduler
 from scheduler.pressure import PressureModel
-from tests.scheduler.factories import GB, cluster, device, model
+from tests.scheduler.factories import GB, cluster, device, model, placement_config
 
 NO_RESERVE = PressureModel(min_kv_reserve_tokens=0)
 
 
 def scheduler(**overrides) -> GlobalScheduler:
-    return GlobalScheduler("prism", PlacementConfig(pressure=NO_RESERVE, **overrides))
+    return GlobalScheduler("prism", placement_config(pressure=NO_RESERVE, **overrides))
 
 
 def apply(state: ClusterState, actions: list) -> ClusterState:
@@ -175,7 +175,7 @@ def test_migration_separates_two_hot_large_models_only_with_the_compute_term():
          model("large-a", 1, weight_gb=40, compute_share=0.6, on="g1"),
          model("large-b", 1, weight_gb=40, compute_share=0.6, on="g1")],
     )
-    kvpr_only = GlobalScheduler("prism", PlacementConfig(pressure=PressureModel(compute_weight=0.0, min_kv_reserve_tokens=0)))
+    kvpr_only = GlobalScheduler("prism", placement_config(pressure=PressureModel(compute_weight=0.0, min_kv_reserve_tokens=0)))
     assert kvpr_only.plan(0.0, state) == []
     (move,) = scheduler().plan(0.0, state)
     assert isinstance(move, Migrate) and move.model.startswith("large") and (move.src, move.dst) == ("g1", "g0")
@@ -188,7 +188,7 @@ def test_pinned_models_never_move():
 
 def test_unknown_names_are_caller_errors():
     with pytest.raises(ValueError, match="unknown placement policy"):
-        GlobalScheduler("round-robin")
+        GlobalScheduler("round-robin", placement_config())
     with pytest.raises(ValueError, match="not in the cluster state"):
         scheduler().on_arrival(0.0, "ghost", cluster([device("g0")], []))
 

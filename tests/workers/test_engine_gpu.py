@@ -15,9 +15,9 @@ import torch
 
 from workers.engine.batch import build_batch
 from workers.engine.engine import Engine
-from workers.messages import ModelSpec, SamplingParams
+from workers.contract.messages import ModelSpec, SamplingParams
 from workers.offline import OfflineRunner
-from workers.weights.arch import Arch
+from workers.contract.sizing import Arch
 from workers.weights.checkpoint import iter_dummy
 
 pytestmark = pytest.mark.gpu
@@ -41,7 +41,7 @@ def cuda_pool(budget_bytes: int):
 def dummy_spec(hf_config: dict, dtype: str, **overrides) -> ModelSpec:
     fields = dict(
         name="dummy", weights_dir=None, hf_config=hf_config, load_format="dummy", dtype=dtype, max_model_len=2048,
-        block_size=16, max_num_seqs=16, max_num_batched_tokens=512, eos_token_ids=[], seed=0,
+        block_size=16, max_num_seqs=16, max_num_batched_tokens=512, eos_token_ids=[], seed=0, ttft_slo_s=2.0, tpot_slo_s=0.2,
     )
     fields.update(overrides)
     return ModelSpec(**fields)
@@ -176,7 +176,7 @@ PREFILL_VARIANTS_AFTER_WARM_UP = """
 import json, sys
 from tests.workers.test_engine_gpu import cuda_pool, dummy_spec, shape_config
 from workers.engine import triton_attention
-from workers.messages import SamplingParams
+from workers.contract.messages import SamplingParams
 from workers.offline import OfflineRunner
 
 def variants():  # Triton 3.x keeps each compiled specialisation in JITFunction.device_caches

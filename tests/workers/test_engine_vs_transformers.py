@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.factories import TINY_CONFIGS, make_pool, make_spec, make_tiny_checkpoint, smollm2_dir
-from workers.messages import SamplingParams
+from workers.contract.messages import SamplingParams
 from workers.offline import OfflineRunner
-from workers.weights.arch import Arch
+from workers.contract.sizing import Arch
 from workers.weights.layout import WeightLayout
 
 NUM_TOKENS = 40

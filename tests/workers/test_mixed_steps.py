@@ -15,7 +15,7 @@ import torch
 from tests.factories import make_pool, make_spec, make_tiny_checkpoint
 from workers.engine.batch import build_batch
 from workers.engine.engine import Engine
-from workers.messages import SamplingParams
+from workers.contract.messages import SamplingParams
 from workers.offline import OfflineRunner
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=10, min_tokens=10)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.factories import make_pool, make_spec, make_tiny_checkpoint
-from workers.messages import SamplingParams
+from workers.contract.messages import SamplingParams
 from workers.offline import OfflineRunner
 
 

@@ -1,4 +1,4 @@
-"""The worker's step loop: models' steps overlapped (one launched while the other runs) change no token,
+"""The worker's device loop and its step loop: models' steps overlapped (one launched while the other runs) change no token,
 an engine failure fails only its step's requests, and on a GPU launching a step does not wait for the
 device. The GPU tests run on the device machine: `pytest -m gpu tests/workers/test_step_loop.py`."""
 
@@ -11,47 +11,49 @@ from pathlib import Path
 import pytest
 import torch
 
-from scheduler.local import LocalScheduler
 from scheduler.sequence import Sequence
 from tests.factories import make_pool, make_spec, make_tiny_checkpoint
-from workers.engine.engine import Engine
-from workers.messages import ModelSpec, SamplingParams
-from workers.step_loop import StepLoop, model_queue
+from workers.contract import messages as m
+from workers.contract.messages import ModelSpec, SamplingParams
+from workers.device_loop import DeviceLoop
 
 SHAPES = Path(__file__).resolve().parents[2] / "configs" / "shapes"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
 
 
 class Device:
-    """Engines of several models on one pool, their scheduler and a step loop: a worker without a socket."""
+    """The worker's device loop hosting several models, driven by messages as the worker process drives it."""
 
     def __init__(self, specs: list[ModelSpec], device: str, pool, overlap: bool):
-        self.engines = {spec.name: Engine(spec, torch.device(device), pool) for spec in specs}
-        self.scheduler = LocalScheduler("prism")
-        for engine in self.engines.values():
-            engine.activate()
-            self.scheduler.add_model(model_queue(engine))
-        self.loop = StepLoop(self.scheduler, self.engines, overlap)
+        self.loop = DeviceLoop("test", device, pool, None, local_policy="prism", tpot_target="request", overlap_steps=overlap)
+        for spec in specs:
+            self.loop.handle(m.Activate(spec))
+        replies = [msg for msg in self.loop.take_outbox() if isinstance(msg, m.ModelActivated)]
+        assert [r.error for r in replies] == [None] * len(specs)
+        self.engines, self.scheduler, self.steps = self.loop.engines, self.loop.scheduler, self.loop.steps
 
     def generate(self, requests: dict[str, tuple[str, list[int]]], params: SamplingParams = GREEDY) -> dict[str, list[int] | None]:
         """Run requests (id -> model, prompt) to the end; outputs by request id (None: the request failed)."""
-        seqs = [
-            Sequence(req_id, model, prompt, params.max_tokens, time.time(), params, min_tokens=params.min_tokens)
-            for req_id, (model, prompt) in requests.items()
-        ]
-        for seq in seqs:
-            self.scheduler.add(seq)
-        failed = set()
-        while self.scheduler.has_work():
-            for outcome in self.loop.advance():
-                failed.update(seq.req_id for seq in outcome.failed)
-                for seq in outcome.finished:
-                    self.engines[seq.model].release(seq.req_id)
-        return {seq.req_id: None if seq.req_id in failed else seq.output_token_ids for seq in seqs}
+        for req_id, (model, prompt) in requests.items():
+            self.loop.handle(m.Generate(req_id, model, prompt, params, time.time()))
+        outputs: dict[str, list[int] | None] = {req_id: [] for req_id in requests}
+        while self.loop.has_work():
+            self.loop.step()
+            self._collect(outputs)
+        self.loop.finish_running_step()
+        self._collect(outputs)
+        return outputs
+
+    def _collect(self, outputs: dict[str, list[int] | None]) -> None:
+        for message in self.loop.take_outbox():
+            for delta in message.deltas if isinstance(message, m.StepOutputs) else []:
+                if delta.finish_reason == "error":
+                    outputs[delta.req_id] = None
+                elif outputs[delta.req_id] is not None:
+                    outputs[delta.req_id] += delta.token_ids
 
     def close(self) -> None:
-        for engine in self.engines.values():
-            engine.close()
+        self.loop.close()
 
 
 def prompts(vocab_size: int, lengths: tuple[int, ...], seed: int) -> list[list[int]]:
@@ -86,7 +88,7 @@ def test_overlapped_steps_give_every_model_the_tokens_it_gives_alone(tiny_specs)
         device.close()
     device = Device(tiny_specs, "cpu", make_pool(), overlap=True)
     together = device.generate(requests)
-    assert device.loop.num_overlapped > 0  # steps of one model were launched while the other's ran
+    assert device.steps.num_overlapped > 0  # steps of one model were launched while the other's ran
     device.close()
     assert together == alone and all(len(out) == 12 for out in alone.values())
 
@@ -95,11 +97,11 @@ def test_without_overlap_every_step_is_finished_before_the_next_is_planned(tiny_
     device = Device(tiny_specs, "cpu", make_pool(), overlap=False)
     requests = mixed_requests([s.name for s in tiny_specs], vocab_size=512)
     outputs = device.generate(requests)
-    assert device.loop.num_overlapped == 0 and device.loop.num_steps > 0
-    assert device.loop.device_busy_s > 0  # the steps' device time (wall time on the CPU), summed
-    counts = device.loop.counts
-    assert sum(c.steps for c in counts.values()) == device.loop.num_steps
-    assert sum(c.device_s for c in counts.values()) == pytest.approx(device.loop.device_busy_s)
+    assert device.steps.num_overlapped == 0 and device.steps.num_steps > 0
+    assert device.steps.device_busy_s > 0  # the steps' device time (wall time on the CPU), summed
+    counts = device.steps.counts
+    assert sum(c.steps for c in counts.values()) == device.steps.num_steps
+    assert sum(c.device_s for c in counts.values()) == pytest.approx(device.steps.device_busy_s)
     for spec in tiny_specs:  # each prompt prefilled once, then one token per decode (the last is never fed)
         mine = [prompt for model, prompt in requests.values() if model == spec.name]
         assert counts[spec.name].tokens == sum(len(p) + GREEDY.max_tokens - 1 for p in mine)
@@ -138,7 +140,7 @@ def gpu_specs(num_models: int) -> list[ModelSpec]:
     return [
         ModelSpec(
             name=f"m{i}", weights_dir=None, hf_config=config, load_format="dummy", dtype="float32", max_model_len=1024,
-            block_size=16, max_num_seqs=16, max_num_batched_tokens=128, eos_token_ids=[], seed=i,
+            block_size=16, max_num_seqs=16, max_num_batched_tokens=128, eos_token_ids=[], seed=i, ttft_slo_s=2.0, tpot_slo_s=0.2,
         )
         for i in range(num_models)
     ]
@@ -158,11 +160,11 @@ def test_gpu_overlapped_steps_give_every_model_the_tokens_it_gives_alone():
     requests = mixed_requests([s.name for s in specs], vocab)
     alone = Device(specs, "cuda:0", cuda_pool(8 * 1024**3), overlap=False)
     serial = alone.generate(requests)
-    assert alone.loop.num_overlapped == 0
+    assert alone.steps.num_overlapped == 0
     alone.close()
     device = Device(specs, "cuda:0", cuda_pool(8 * 1024**3), overlap=True)
     overlapped = device.generate(requests)
-    assert device.loop.num_overlapped > device.loop.num_steps // 2
+    assert device.steps.num_overlapped > device.steps.num_steps // 2
     device.close()
     assert overlapped == serial and all(len(out) == 12 for out in serial.values())
 

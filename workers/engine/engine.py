@@ -26,8 +26,8 @@ from workers.engine.batch import build_batch
 from workers.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from workers.engine.llama import LlamaModel
 from workers.engine.sampler import Sampler
-from workers.messages import ModelSpec
-from workers.weights.arch import Arch
+from workers.contract.messages import ModelSpec
+from workers.contract.sizing import Arch
 from workers.weights.checkpoint import iter_dummy, iter_safetensors
 from workers.weights.layout import WeightLayout, fill
 
@@ -122,7 +122,7 @@ class Engine:
         self.weight_bytes = self.layout.num_bytes
         self.block_size = spec.block_size
         self.kv_block_shape = (self.arch.num_layers, 2, spec.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        block_bytes = self.arch.kv_bytes_per_token(self.dtype) * spec.block_size
+        block_bytes = self.arch.kv_bytes_per_token(spec.dtype) * spec.block_size
         self.weights = pool.reserve_range(spec.name, MemoryKind.WEIGHTS, self.weight_bytes)
         # On a GPU an unmap waits for the device: pages emptied by finished sequences are unmapped by the
         # worker between steps (`trim`), not inside the scheduler's update while the next step runs.
@@ -135,14 +135,14 @@ class Engine:
         self.prefill_graphs: PrefillGraphs | None = None
         self.split_min_decodes = SPLIT_MIN_DECODES
         self._scratch: list[int] | None = None
-        self.active = False
+        self.weights_mapped = False
         self.last_activation = ActivationTimes()
 
     # --- activation -------------------------------------------------------------------------------
 
     def activate(self) -> ActivationTimes:
         """Map and fill the weights; raise NotEnoughMemory (nothing mapped) if the pool cannot back them."""
-        assert not self.active
+        assert not self.weights_mapped
         times = ActivationTimes()
         started = time.perf_counter()
         shortfall = self.weights.num_pages - self.pool.num_free_pages
@@ -178,14 +178,14 @@ class Engine:
         except BaseException:
             self._unmap_weights()
             raise
-        self.active = True
+        self.weights_mapped = True
         times.total_s = time.perf_counter() - started
         self.last_activation = times
         return times
 
     def deactivate(self) -> None:
         """Unmap weights and KV (every sequence must be gone); keep address ranges, views and graphs."""
-        if not self.active:
+        if not self.weights_mapped:
             return
         if self._scratch is not None:
             self.kv.free(self._scratch)
@@ -193,7 +193,7 @@ class Engine:
         assert self.kv.num_used_blocks == 0, "deactivating an engine that still holds KV blocks"
         self.kv.trim(0)
         self._unmap_weights()
-        self.active = False
+        self.weights_mapped = False
 
     def _image_key(self) -> str:
         spec = self.spec
@@ -306,7 +306,7 @@ class Engine:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> PendingStep:
         """Queue one step's kernels (forward, logits, sampling, the tokens' copy home) without waiting for them."""
-        assert self.active, f"{self.spec.name} is not active"
+        assert self.weights_mapped, f"{self.spec.name} is not active"
         timer = StepTimer(self.device)
         if not plan.chunks:
             return PendingStep([], None, timer.stop())

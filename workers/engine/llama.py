@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from workers.engine.batch import ForwardBatch
 from workers.engine.ops import TorchOps, TritonOps
-from workers.weights.arch import Arch
+from workers.contract.sizing import Arch
 from workers.weights.layout import WeightLayout, fill
 
 

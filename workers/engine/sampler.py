@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.messages import SamplingParams
+from workers.contract.messages import SamplingParams
 
 
 class Sampler:

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from workers.weights.arch import Arch
+from workers.contract.sizing import Arch
 
 
 def iter_safetensors(weights_dir: str | Path, device: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

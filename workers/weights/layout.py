@@ -13,9 +13,7 @@ from typing import Iterable
 
 import torch
 
-from workers.weights.arch import Arch
-
-ALIGN_BYTES = 256
+from workers.contract.sizing import Arch, Slot, weight_slots
 
 # Engine parameter -> the checkpoint tensors it is made of, concatenated along dim 0 (in this order).
 FUSED = {
@@ -30,23 +28,13 @@ FUSED = {
     "k_norm": ("self_attn.k_norm.weight",),
 }
 TOP_LEVEL = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
-
-
-@dataclass(frozen=True)
-class Slot:
-    key: str  # "embed", "layers.3.qkv", ...
-    shape: tuple[int, ...]
-    offset: int  # bytes from the start of the image
-
-    def num_bytes(self, dtype: torch.dtype) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * dtype.itemsize
+DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 @dataclass(frozen=True)
 class WeightLayout:
+    """The contract's slots (`weight_slots`, the bytes the controller plans for) as typed tensor views."""
+
     arch: Arch
     dtype: torch.dtype
     slots: tuple[Slot, ...]
@@ -54,36 +42,13 @@ class WeightLayout:
 
     @classmethod
     def of(cls, arch: Arch, dtype: torch.dtype) -> WeightLayout:
-        h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        shapes: list[tuple[str, tuple[int, ...]]] = [("embed", (arch.vocab_size, h))]
-        for i in range(arch.num_layers):
-            p = f"layers.{i}."
-            shapes += [
-                (p + "input_norm", (h,)),
-                (p + "qkv", (q + 2 * kv, h)),
-                *([(p + "qkv_bias", (q + 2 * kv,))] if arch.qkv_bias else []),
-                *([(p + "q_norm", (arch.head_dim,)), (p + "k_norm", (arch.head_dim,))] if arch.qk_norm else []),
-                (p + "o", (h, q)),
-                (p + "post_norm", (h,)),
-                (p + "gate_up", (2 * arch.intermediate_size, h)),
-                (p + "down", (h, arch.intermediate_size)),
-            ]
-        shapes.append(("final_norm", (h,)))
-        if not arch.tie_word_embeddings:
-            shapes.append(("lm_head", (arch.vocab_size, h)))
-        slots, offset = [], 0
-        for key, shape in shapes:
-            slot = Slot(key, shape, offset)
-            slots.append(slot)
-            offset += -(-slot.num_bytes(dtype) // ALIGN_BYTES) * ALIGN_BYTES
-        return cls(arch, dtype, tuple(slots), offset)
+        return cls(arch, dtype, *weight_slots(arch, DTYPES[dtype]))
 
     def views(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Typed tensors over a uint8 image of at least `num_bytes` (host or device), keyed by slot."""
         assert image.dtype == torch.uint8 and image.numel() >= self.num_bytes
-        return {
-            s.key: image[s.offset : s.offset + s.num_bytes(self.dtype)].view(self.dtype).view(s.shape) for s in self.slots
-        }
+        size = self.dtype.itemsize
+        return {s.key: image[s.offset : s.offset + s.numel * size].view(self.dtype).view(s.shape) for s in self.slots}
 
 
 def checkpoint_key(name: str) -> tuple[str, int] | None:

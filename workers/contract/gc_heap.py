@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from workers.messages import GC_PAUSE_BUCKETS_S, GcStats
+from workers.contract.messages import GC_PAUSE_BUCKETS_S, GcStats
 
 __all__ = ["FreezeReport", "GcPauses", "collect_frozen", "freeze_heap"]
 

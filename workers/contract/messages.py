@@ -1,7 +1,14 @@
 """Typed messages between the controller and a worker (msgpack over one ZMQ channel per worker).
 
-Controller -> worker: Activate, Evict, Forget, Generate, Abort, Shutdown.
-Worker -> controller: WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat.
+Controller -> worker: Configure, Activate, Evict, Forget, Generate, Abort, Shutdown.
+Worker -> controller: Hello, WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat.
+
+A worker's life on the channel: it connects and says `Hello`; the controller answers `Configure` (the
+worker's whole configuration, once); the worker builds its page pool and says `WorkerReady`; then
+requests, activations and evictions flow, and a `Heartbeat` every second reports what the worker holds.
+Messages of one worker arrive in the order they were sent, and the worker sends its state just before
+every reply to an activation or eviction, so the controller never sees a reply before the state that
+goes with it.
 
 Pydantic never crosses the process boundary: these are msgspec structs, tagged so that one decoder
 reads every message type of a direction.
@@ -9,7 +16,19 @@ reads every message type of a direction.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+from workers.contract.config import WorkerConfig
+
+# Why a model could not be activated, and so who acts: `no_memory` (transient: the scheduler makes room
+# and retries), `failed` (the model is broken: its requests fail until the operator changes it).
+ActivationErrorKind = Literal["no_memory", "failed"]
+# Why a request ended with an error: `invalid_request` (the client's fault, 400), `unavailable` (retry:
+# 503), `not_resident` (the worker does not hold the model the controller routed to: the controller
+# repairs its view and routes again), `internal` (500).
+RequestErrorKind = Literal["invalid_request", "unavailable", "not_resident", "internal"]
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -40,15 +59,21 @@ class ModelSpec(msgspec.Struct, frozen=True):
     max_num_seqs: int
     max_num_batched_tokens: int
     eos_token_ids: list[int]
+    ttft_slo_s: float
+    tpot_slo_s: float
     seed: int = 0
-    ttft_slo_s: float = 2.0
-    tpot_slo_s: float = 0.2
     priority: int = 0
     cuda_graphs: bool = True  # capture decode steps and steps with prompts up to 512 tokens as CUDA graphs (GPU only)
     kv_budget_bytes: int | None = None  # a fixed cap on this model's KV (static partitioning); None: elastic
 
 
 # Controller -> worker
+
+
+class Configure(msgspec.Struct, tag=True):
+    """The answer to `Hello`: everything the worker needs to know, once."""
+
+    config: WorkerConfig
 
 
 class Activate(msgspec.Struct, tag=True):
@@ -86,10 +111,18 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToWorker = Activate | Evict | Forget | Generate | Abort | Shutdown
+ToWorker = Configure | Activate | Evict | Forget | Generate | Abort | Shutdown
 
 
 # Worker -> controller
+
+
+class Hello(msgspec.Struct, tag=True):
+    """A worker that just connected: the controller answers with `Configure`."""
+
+    worker_id: str
+    device: str
+    pid: int
 
 
 class WorkerReady(msgspec.Struct, tag=True):
@@ -102,7 +135,7 @@ class WorkerReady(msgspec.Struct, tag=True):
 class ModelActivated(msgspec.Struct, tag=True):
     name: str
     error: str | None  # None: resident and ready
-    error_kind: str | None = None  # "no_memory" (evict something and retry) | "failed"
+    error_kind: ActivationErrorKind | None = None
     weight_bytes: int = 0
     num_kv_blocks: int = 0
     stage_s: float = 0.0
@@ -125,7 +158,7 @@ class TokenDelta(msgspec.Struct, array_like=True):
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
-    error_kind: str | None = None  # with "error": "invalid_request" (client's fault) | "internal" | "unavailable"
+    error_kind: RequestErrorKind | None = None  # with "error"
 
 
 class StepOutputs(msgspec.Struct, tag=True):
@@ -134,7 +167,7 @@ class StepOutputs(msgspec.Struct, tag=True):
 
 class ModelStats(msgspec.Struct):
     name: str
-    active: bool
+    resident: bool  # weights mapped and requests accepted (the worker's one answer: DeviceLoop.is_resident)
     num_waiting: int
     num_running: int
     num_kv_blocks_used: int
@@ -178,7 +211,7 @@ class Heartbeat(msgspec.Struct, tag=True):
     gc: GcStats | None = None  # None from a worker that does not report it
 
 
-FromWorker = WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat
+FromWorker = Hello | WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat
 
 _to_worker_encoder = msgspec.msgpack.Encoder()
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)

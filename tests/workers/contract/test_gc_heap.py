@@ -10,8 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.metrics import Metrics
-from workers.gc_heap import GcPauses, collect_frozen, freeze_heap
-from workers.messages import GC_PAUSE_BUCKETS_S, GcStats
+from workers.contract.gc_heap import GcPauses, collect_frozen, freeze_heap
+from workers.contract.messages import GC_PAUSE_BUCKETS_S, GcStats
 
 
 class Node:

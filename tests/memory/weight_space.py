@@ -1,4 +1,7 @@
-"""WeightSpace: one model's weights in pool pages, mapped up front and given back whole on eviction.
+"""WeightSpace (a test helper): weights of a made-up model in pool pages, mapped up front, given back whole.
+
+The engine maps its weights through the same pool calls (`reserve_range`, `map_pages`); the pool's tests
+and benchmarks/pool.py use this to put weight pages beside KV pages.
 
 Activation reserves one WEIGHTS range, maps all of its pages in one pool call (all or nothing; the pool
 maps each aligned group of a chunk's worth of pages with one driver call), and the loader places each

@@ -1,0 +1,156 @@
+"""Carrying out the global scheduler's decisions: the one place where activations, evictions and
+migrations happen, whether a periodic cycle, a request's arrival, the admin API, start-up or a worker's
+restart asked for them.
+
+`begin(actions)` is called under the model manager's plan lock and does not wait: it marks every model
+an action touches at once (victims EVICTING, activated models ACTIVATING on their device, migrated models
+EVICTING), so the next decision sees them and memory is never booked twice; the work itself (drains,
+round trips to the workers) then runs in tasks. An activation waits for the evictions that were started
+with it on its device.
+
+Every activation ends with one of four outcomes (`ActivationOutcome.kind`):
+  * `ok`: the model is resident;
+  * `no_memory` (transient): the worker could not back it now; a later decision retries, not before
+    `NO_MEMORY_BACKOFF_S`;
+  * `worker_lost` (transient): the worker exited or is restarting; its device leaves the cluster state
+    until it is back, so requests wait for it instead of retrying;
+  * `failed`: the model is broken; its requests fail (503) until an operator changes the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from controller.events import EventLog
+from controller.metrics import Metrics
+from controller.registry import Registry
+from controller.runtime import ModelRuntime
+from controller.worker_handle import WorkerGone, WorkerHandle
+from scheduler.cluster import Action, Activate, Evict, Migrate, ModelState
+from workers.contract import messages as m
+
+logger = logging.getLogger("prism.controller")
+
+NO_MEMORY_BACKOFF_S = 0.5
+
+OutcomeKind = Literal["ok", "no_memory", "worker_lost", "failed"]
+
+
+@dataclass(frozen=True)
+class ActivationOutcome:
+    kind: OutcomeKind
+    error: str | None = None
+    reply: m.ModelActivated | None = None
+
+
+class ActionExecutor:
+    def __init__(self, registry: Registry, runtimes: dict[str, ModelRuntime], workers: dict[str, WorkerHandle],
+                 metrics: Metrics, events: EventLog):
+        self.registry = registry
+        self.runtimes = runtimes
+        self.workers = workers
+        self.metrics = metrics
+        self.events = events
+
+    def begin(self, actions: list[Action], reason: str, drain_timeout_s: float | None = None) -> list[asyncio.Task]:
+        """Mark the actions' models and start the work; the tasks return what each action did."""
+        evictions: dict[str, list[asyncio.Task]] = {}
+        tasks = []
+        for action in sorted(actions, key=lambda a: not isinstance(a, Evict)):  # victims first
+            runtime = self.runtimes.get(action.model)
+            if runtime is None:
+                continue  # removed since the decision
+            if isinstance(action, Evict) and runtime.state is ModelState.ACTIVE:
+                runtime.set_state(ModelState.EVICTING)
+                task = asyncio.create_task(self._evict(runtime, action.reason, drain_timeout_s))
+                evictions.setdefault(runtime.device, []).append(task)
+            elif isinstance(action, Activate) and runtime.state is ModelState.INACTIVE:
+                runtime.set_state(ModelState.ACTIVATING, action.device)
+                runtime.kv_budget_bytes = action.kv_budget_bytes
+                task = asyncio.create_task(self._activate(runtime, evictions.get(action.device, []), reason))
+            elif isinstance(action, Migrate) and runtime.state is ModelState.ACTIVE:
+                runtime.set_state(ModelState.EVICTING)
+                task = asyncio.create_task(self._migrate(runtime, action))
+            else:
+                continue  # the state moved on since the decision: it is decided again with the next one
+            runtime.task = task
+            tasks.append(task)
+        return tasks
+
+    # --- activation -------------------------------------------------------------------------------
+
+    async def _activate(self, runtime: ModelRuntime, after: list[asyncio.Task], reason: str) -> ActivationOutcome:
+        started = time.monotonic()
+        if after:
+            await asyncio.gather(*after, return_exceptions=True)
+        outcome = await self._load(runtime)
+        self._record_activation(runtime, outcome, time.monotonic() - started, reason)
+        return outcome
+
+    async def _load(self, runtime: ModelRuntime) -> ActivationOutcome:
+        worker = self.workers[runtime.device]
+        spec = runtime.entry.spec(runtime.device, self.registry.memory.block_size, runtime.kv_budget_bytes)
+        try:
+            reply = await worker.activate(spec)
+        except WorkerGone as exc:
+            return ActivationOutcome("worker_lost", str(exc))
+        if reply.error is not None:
+            return ActivationOutcome(reply.error_kind or "failed", reply.error, reply)
+        return ActivationOutcome("ok", None, reply)
+
+    def _record_activation(self, runtime: ModelRuntime, outcome: ActivationOutcome, elapsed: float, reason: str) -> None:
+        device = runtime.device
+        if outcome.kind == "ok":
+            reply = outcome.reply
+            runtime.activated_s = time.monotonic()
+            runtime.last_activation = {"total_s": elapsed, "worker_s": reply.total_s, "stage_s": reply.stage_s,
+                                       "map_copy_s": reply.map_copy_s, "build_s": reply.build_s, "graphs_s": reply.graphs_s}
+            self.metrics.activations.labels(runtime.name, "ok").inc()
+            self.metrics.activation_seconds.labels(runtime.name).observe(elapsed)
+            self.events.add("activated", runtime.name, device, elapsed, reason)
+            runtime.set_state(ModelState.ACTIVE)
+            return
+        self.metrics.activations.labels(runtime.name, outcome.kind).inc()
+        self.events.add("activation_failed", runtime.name, device, elapsed, f"{outcome.kind}: {outcome.error}")
+        if outcome.kind == "failed":
+            runtime.error = outcome.error  # a broken model: its requests fail instead of waiting
+        elif outcome.kind == "no_memory":
+            runtime.retry_after_s = time.monotonic() + NO_MEMORY_BACKOFF_S
+        runtime.set_state(ModelState.INACTIVE, None)
+
+    # --- eviction and migration -------------------------------------------------------------------
+
+    async def _evict(self, runtime: ModelRuntime, reason: str, drain_timeout_s: float | None = None) -> dict:
+        """Drain the model's requests (up to the timeout; the rest fail), then unload it from its worker."""
+        started = time.monotonic()
+        drain = self.registry.scheduler.evict_drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        deadline = started + drain
+        while runtime.num_running > 0 and time.monotonic() < deadline:
+            try:
+                await runtime.changed(deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        failed = 0
+        worker = self.workers.get(runtime.device)
+        if worker is not None:
+            try:
+                failed = (await worker.evict(runtime.name, reason)).num_failed
+            except WorkerGone:
+                pass  # the worker died: the model's memory went with it
+        elapsed = time.monotonic() - started
+        self.events.add("evicted", runtime.name, runtime.device, elapsed, f"{reason}; {failed} request(s) failed" if failed else reason)
+        self.metrics.evictions.labels(runtime.name, reason.split(":")[0]).inc()
+        self.metrics.eviction_seconds.labels(runtime.name).observe(elapsed)
+        runtime.activated_s = None
+        runtime.set_state(ModelState.INACTIVE, None)
+        return {"model": runtime.name, "state": "inactive", "evict_s": elapsed, "failed_requests": failed}
+
+    async def _migrate(self, runtime: ModelRuntime, action: Migrate) -> dict:
+        evicted = await self._evict(runtime, f"migration to {action.dst}")
+        if runtime.state is ModelState.INACTIVE and action.dst in self.workers:
+            await asyncio.gather(*self.begin([Activate(action.model, action.dst, runtime.kv_budget_bytes)], f"migration from {action.src}"))
+        return evicted

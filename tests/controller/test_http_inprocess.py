@@ -1,0 +1,145 @@
+"""The HTTP surface in process (`httpx.ASGITransport`, no subprocess): validation and the mapping of every
+error to OpenAI's body and status. The server is built as served (`Server.build`: channel, handles, model
+manager, serving) but its worker processes are never launched, so a valid request waits for a worker
+that never comes. The full-stack tests (test_openai_api.py) cover the same surface with real workers and
+the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from controller.app import create_app
+from controller.catalog import build_catalog
+from controller.registry import default_registry_path, load_registry
+from controller.server import Server
+from workers.contract.prepare import default_cache_dir
+
+TINY = "tiny-llama-random"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ADMIN_TOKEN = "in-process-admin"
+
+
+@pytest.fixture(scope="module")
+def registry(prepared_smollm2):
+    registry = load_registry(default_registry_path())
+    return registry.model_copy(update={"server": registry.server.model_copy(update={"worker_start_timeout_s": 0.3})})
+
+
+@pytest.fixture(scope="module")
+def catalog(registry):
+    return build_catalog(registry, default_cache_dir())
+
+
+def call(registry, catalog, *requests: tuple[str, str, dict], admin: bool = False) -> list[httpx.Response]:
+    """Send requests (method, path, httpx keyword arguments) in order to an app whose workers never start."""
+
+    async def scenario() -> list[httpx.Response]:
+        server = Server(registry, dict(catalog), default_cache_dir())
+        app = create_app(registry, default_cache_dir(), server)
+        if admin:
+            app.state.auth.admin_token = ADMIN_TOKEN
+        await server.build()
+        app.state.server = server
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://prism.test") as client:
+                return [await client.request(method, path, **kwargs) for method, path, kwargs in requests]
+        finally:
+            await server.stop(drain_timeout_s=0)
+
+    return asyncio.run(scenario())
+
+
+def chat(**fields) -> tuple[str, str, dict]:
+    return "POST", "/v1/chat/completions", {"json": {"model": TINY, "messages": QUESTION, "max_tokens": 3, **fields}}
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_models_are_listed_with_their_context(registry, catalog):
+    (response,) = call(registry, catalog, ("GET", "/v1/models", {}))
+    assert response.status_code == 200
+    assert {m["id"]: m["max_model_len"] for m in response.json()["data"]} == {"smollm2-135m-instruct": 8192, TINY: 2048}
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 2}, None),
+        ({"stop": [f"s{i}" for i in range(20)]}, "stop"),
+        ({"bogus_field": 1}, "bogus_field"),
+        ({"logprobs": True}, None),
+        ({"model": "no-such-model"}, "model"),
+        ({"max_tokens": 4096}, "max_tokens"),
+    ],
+)
+def test_invalid_requests_get_an_openai_error_naming_the_field(registry, catalog, fields, param):
+    (response,) = call(registry, catalog, chat(**fields))
+    error = error_of(response)
+    if fields.get("model") == "no-such-model":
+        assert (response.status_code, error["code"], error["type"]) == (404, "model_not_found", "invalid_request_error")
+    else:
+        assert response.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
+    if fields.get("max_tokens") == 4096:
+        assert error["code"] == "context_length_exceeded"
+    if param:
+        assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"model": "tiny-llama-random"}', "messages"),
+        (b'{"model": "tiny-llama-random", "messages": "hi"}', "messages"),
+        (b'{"model": "tiny-llama-random", "messages": []}', "messages"),
+    ],
+)
+def test_malformed_bodies_are_400(registry, catalog, content, expected):
+    request = ("POST", "/v1/chat/completions", {"content": content, "headers": {"content-type": "application/json"}})
+    (response,) = call(registry, catalog, request)
+    error = error_of(response)
+    assert response.status_code == 400 and (expected in error["message"] or error["param"] == expected)
+
+
+def test_unknown_routes_wrong_methods_and_oversized_bodies(registry, catalog):
+    oversized = ("POST", "/v1/completions", {"json": {"model": TINY, "prompt": "x" * (5 * 1024 * 1024)}})
+    unknown, wrong_method, too_large = call(registry, catalog, ("GET", "/v1/nothing", {}), ("GET", "/v1/completions", {}), oversized)
+    assert unknown.status_code == 404 and error_of(unknown)["type"] == "not_found_error"
+    assert wrong_method.status_code == 405 and error_of(wrong_method)["type"] == "invalid_request_error"
+    assert too_large.status_code == 413 and error_of(too_large)["code"] == "request_too_large"
+
+
+def test_a_valid_request_without_a_worker_gets_503_with_retry_after(registry, catalog):
+    """The model cannot be activated (no worker is ready): after `worker_start_timeout_s`, 503, not a hang."""
+    completion, health = call(registry, catalog, ("POST", "/v1/completions", {"json": {"model": TINY, "prompt": "Hello", "max_tokens": 2}}),
+                              ("GET", "/health", {}))
+    assert completion.status_code == 503 and int(completion.headers["retry-after"]) >= 1
+    assert "not available yet" in error_of(completion)["message"]
+    assert health.status_code == 503 and health.json()["status"] == "degraded"
+    assert health.json()["workers"]["cpu"]["state"] == "stopped"
+
+
+def test_admin_routes_refuse_without_the_token_and_answer_with_it(registry, catalog):
+    disabled, = call(registry, catalog, ("GET", "/admin/models", {}))
+    assert disabled.status_code == 403 and error_of(disabled)["code"] == "admin_disabled"
+    wrong, right, unknown = call(
+        registry, catalog,
+        ("GET", "/admin/models", {"headers": {"authorization": "Bearer nope"}}),
+        ("GET", "/admin/models", {"headers": {"authorization": f"Bearer {ADMIN_TOKEN}"}}),
+        ("POST", "/admin/models/no-such-model/evict", {"headers": {"authorization": f"Bearer {ADMIN_TOKEN}"}}),
+        admin=True,
+    )
+    assert wrong.status_code == 401
+    assert right.status_code == 200 and {m["name"]: m["state"] for m in right.json()["models"]} == {
+        "smollm2-135m-instruct": "inactive", TINY: "inactive"}
+    assert unknown.status_code == 404 and error_of(unknown)["param"] == "name"

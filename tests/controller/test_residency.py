@@ -1,0 +1,168 @@
+"""Residency: what the controller believes a worker holds and what the worker holds are reconciled.
+
+The real controller (`Server.build`: channel, worker handles, model manager, serving) talks over its real
+ZMQ channel to a scripted peer that speaks the worker's side of the contract and, unlike a real worker,
+can be made to disagree with the controller. Each disagreement must be logged as an error and repaired;
+a request routed to a worker that does not hold its model is routed again, not failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+import pytest
+import zmq
+import zmq.asyncio
+
+from controller.app import create_app
+from controller.catalog import build_catalog
+from controller.registry import default_registry_path, load_registry
+from controller.server import Server
+from scheduler.cluster import ModelState
+from workers.contract import messages as m
+from workers.contract.prepare import default_cache_dir
+
+TINY = "tiny-llama-random"
+SMOL = "smollm2-135m-instruct"
+POOL = m.PoolStats(2 * 2**30, 2 * 2**20, 0, 1024, 0, {}, {})
+
+
+@pytest.fixture(scope="module")
+def catalog(prepared_smollm2):
+    return build_catalog(load_registry(default_registry_path()), default_cache_dir())
+
+
+def stats(name: str) -> m.ModelStats:
+    return m.ModelStats(name, True, 0, 0, 0, 64, 0, 0)
+
+
+class Peer:
+    """The worker's side of the channel, scripted: it answers what it is sent as `replies` says."""
+
+    def __init__(self, address: str, worker_id: str = "cpu"):
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.socket.connect(address)
+        self.worker_id = worker_id
+        self.received: list[m.ToWorker] = []
+        self.holds: set[str] = set()  # what this peer reports as resident
+        self.not_resident_once: set[str] = set()  # refuse the next request of these models as not resident
+
+    def send(self, message: m.FromWorker) -> None:
+        self.socket.send(m.encode(message))
+
+    def heartbeat(self) -> None:
+        self.send(m.Heartbeat(self.worker_id, [stats(n) for n in sorted(self.holds)], POOL, 0))
+
+    async def join(self) -> m.Configure:
+        self.send(m.Hello(self.worker_id, "cpu", 4242))
+        configure = m.decode_to_worker(await self.socket.recv())
+        self.send(m.WorkerReady(self.worker_id, "cpu", 4242, POOL.budget_bytes))
+        return configure
+
+    async def serve(self) -> None:
+        """Answer as a worker would: activations succeed, requests get two tokens (or a refusal)."""
+        while True:
+            message = m.decode_to_worker(await self.socket.recv())
+            self.received.append(message)
+            if isinstance(message, m.Activate):
+                self.holds.add(message.spec.name)
+                self.heartbeat()  # a worker's state goes out before its reply
+                self.send(m.ModelActivated(message.spec.name, None))
+            elif isinstance(message, m.Evict):
+                self.holds.discard(message.name)
+                self.heartbeat()
+                self.send(m.ModelEvicted(message.name))
+            elif isinstance(message, m.Generate) and message.model in self.not_resident_once:
+                self.not_resident_once.discard(message.model)
+                self.holds.discard(message.model)
+                self.send(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", "not resident here", "not_resident")]))
+            elif isinstance(message, m.Generate):
+                self.send(m.StepOutputs([m.TokenDelta(message.req_id, [72]), m.TokenDelta(message.req_id, [105], "length")]))
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.context.term()
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    async def poll():
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+def run(catalog, scenario) -> None:
+    """Build the controller, join the peer, activate the tiny model through the admin path, run `scenario`."""
+
+    async def main():
+        registry = load_registry(default_registry_path())
+        server = Server(registry, dict(catalog), default_cache_dir())
+        await server.build()
+        peer = Peer(server.channel.address)
+        configure = await peer.join()
+        assert configure.config == registry.worker_config(server.store_prefix)
+        serving = asyncio.create_task(peer.serve())
+        try:
+            await until(lambda: server.workers["cpu"].state == "ready")
+            await server.manager.activate(TINY)
+            await scenario(server, peer)
+        finally:
+            serving.cancel()
+            await server.stop(drain_timeout_s=0)
+            peer.close()
+
+    asyncio.run(main())
+
+
+def repairs(server, model: str) -> list[dict]:
+    return [e for e in server.events.recent(100, model) if e["kind"] == "residency_repaired"]
+
+
+def test_a_model_the_worker_no_longer_lists_is_marked_inactive_with_an_error(catalog, caplog):
+    async def scenario(server, peer):
+        runtime = server.manager.runtimes[TINY]
+        assert (runtime.state, runtime.device) == (ModelState.ACTIVE, "cpu")
+        peer.holds.clear()
+        with caplog.at_level(logging.ERROR, logger="prism.controller"):
+            peer.heartbeat()
+            await until(lambda: runtime.state is ModelState.INACTIVE)
+        assert runtime.device is None and len(repairs(server, TINY)) == 1
+        assert any("residency" in r.getMessage() and TINY in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+    run(catalog, scenario)
+
+
+def test_a_model_held_by_a_worker_the_controller_does_not_place_it_on_is_evicted_there(catalog):
+    async def scenario(server, peer):
+        assert server.manager.runtimes[SMOL].state is ModelState.INACTIVE
+        peer.holds.add(SMOL)  # the worker says it holds a model the controller never activated
+        peer.heartbeat()
+        await until(lambda: any(isinstance(x, m.Evict) and x.name == SMOL for x in peer.received))
+        assert server.manager.runtimes[SMOL].state is ModelState.INACTIVE and len(repairs(server, SMOL)) == 1
+        await until(lambda: SMOL not in peer.holds)
+
+    run(catalog, scenario)
+
+
+def test_a_request_refused_as_not_resident_is_routed_again_and_completes(catalog):
+    async def scenario(server, peer):
+        peer.not_resident_once.add(TINY)
+        app = create_app(server.registry, default_cache_dir(), server)
+        app.state.server = server
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://prism.test") as client:
+            response = await client.post("/v1/completions", json={"model": TINY, "prompt": "Hello", "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["finish_reason"] == "length" and response.json()["usage"]["completion_tokens"] == 2
+        generates = [x for x in peer.received if isinstance(x, m.Generate)]
+        activations = [x for x in peer.received if isinstance(x, m.Activate) and x.spec.name == TINY]
+        assert len(generates) == 2 and generates[0].req_id == generates[1].req_id  # the same request, routed twice
+        assert len(activations) == 2  # once by the admin call, once to repair the disagreement
+        assert len(repairs(server, TINY)) == 1
+        assert server.manager.runtimes[TINY].num_in_flight == 0
+
+    run(catalog, scenario)

@@ -1,0 +1,287 @@
+"""One device's models and their loop, without a socket: messages in, messages out.
+
+The worker process (`worker.py`) feeds it what arrives on its channel and sends what it produces; the
+offline runner (`offline.py`) and the tests drive the same object directly. One turn of the loop is:
+handle the inbox (`handle`), run the step the local scheduler plans (`step`: one model's step is launched
+while the one before it finishes, `step_loop.py`), and now and then report (`report`: trim idle KV pages,
+top up the pool's reserve, a `Heartbeat`).
+
+Residency has one owner here: a model is resident on this device exactly when the local scheduler has
+its queue (`is_resident`). Engines outlive residency (an evicted model's engine keeps its address ranges
+and graphs for the next activation), so an engine existing says nothing about residency. Whatever goes
+wrong with one request (bad input, an engine error) finishes that request with an error delta; the loop
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from memory import PagePool
+from memory.host_store import HostWeightStore
+from scheduler.local import LocalScheduler
+from scheduler.sequence import Sequence
+from workers.contract import messages as m
+from workers.contract.gc_heap import collect_frozen, freeze_heap
+from workers.engine.engine import Engine, NotEnoughMemory
+from workers.step_loop import StepCounts, StepLoop, StepOutcome, model_queue
+
+logger = logging.getLogger("prism.worker")
+
+
+class DeviceLoop:
+    def __init__(self, worker_id: str, device: str, pool: PagePool, store: HostWeightStore | None, *,
+                 local_policy: str, tpot_target: str, overlap_steps: bool,
+                 gc_stats: Callable[[], m.GcStats] | None = None):
+        self.worker_id = worker_id
+        self.device = torch.device(device)
+        self.pool = pool
+        self.store = store
+        self.scheduler = LocalScheduler(local_policy, tpot_target=tpot_target)
+        self.engines: dict[str, Engine] = {}  # built once per model; resident or not (see is_resident)
+        self.steps = StepLoop(self.scheduler, self.engines, overlap_steps)
+        self.gc_stats = gc_stats
+        self.stopping = False
+        self.outbox: list[m.FromWorker] = []
+        self._handlers = {
+            m.Activate: self._on_activate,
+            m.Evict: self._on_evict,
+            m.Forget: self._on_forget,
+            m.Generate: self._on_generate,
+            m.Abort: self._on_abort,
+            m.Shutdown: self._on_shutdown,
+        }
+
+    # --- the loop's three calls -------------------------------------------------------------------
+
+    def handle(self, message: m.ToWorker) -> None:
+        if not isinstance(message, m.Generate):  # may free or unmap memory a running step uses
+            self.finish_running_step()
+        self._handlers[type(message)](message)
+
+    def step(self) -> None:
+        for outcome in self.steps.advance():
+            self._publish(outcome)
+
+    def report(self) -> None:
+        """Give idle KV pages back, top up the pool's reserve, and send the state (a heartbeat)."""
+        self.finish_running_step()  # trimming unmaps pages: not under a running kernel
+        for name, queue in self.scheduler.queues.items():
+            self.engines[name].kv.trim_idle(bool(queue.running or queue.waiting))
+        self.pool.replenish_reserve()
+        self._send_state()
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.scheduler.queues
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def take_outbox(self) -> list[m.FromWorker]:
+        outbox, self.outbox = self.outbox, []
+        return outbox
+
+    def finish_running_step(self) -> None:
+        for outcome in self.steps.drain():
+            self._publish(outcome)
+
+    def close(self) -> None:
+        self.finish_running_step()
+        for engine in self.engines.values():
+            engine.close()
+        if self.store is not None:
+            self.store.drop_all()
+
+    # --- handlers ---------------------------------------------------------------------------------
+
+    def _on_activate(self, message: m.Activate) -> None:
+        spec = message.spec
+        engine = self.engines.get(spec.name)
+        if engine is not None and engine.spec != spec:  # the model was updated: rebuild its engine
+            self._forget(spec.name)
+            engine = None
+        if self.is_resident(spec.name):
+            self._send_state()
+            self.outbox.append(self._activated(engine))
+            return
+        try:
+            if engine is None:
+                engine = self.engines[spec.name] = Engine(spec, self.device, self.pool, self.store)
+            times = engine.activate()
+        except NotEnoughMemory as exc:
+            self._send_state()
+            self.outbox.append(m.ModelActivated(spec.name, str(exc), "no_memory", weight_bytes=engine.weight_bytes if engine else 0))
+            return
+        except Exception as exc:  # any load failure is reported; the controller fails the model's requests
+            logger.error("activating %s failed:\n%s", spec.name, traceback.format_exc())
+            self._send_state()
+            self.outbox.append(m.ModelActivated(spec.name, f"{type(exc).__name__}: {exc}", "failed"))
+            return
+        self.scheduler.add_model(model_queue(engine))
+        logger.info(
+            "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
+            spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,
+        )
+        # A new engine's modules and graphs live as long as it does (after a re-activation this walks little).
+        logger.info("after activating %s: %s", spec.name, freeze_heap().describe())
+        self._send_state()
+        self.outbox.append(self._activated(engine))
+
+    @staticmethod
+    def _activated(engine: Engine) -> m.ModelActivated:
+        t = engine.last_activation
+        return m.ModelActivated(
+            engine.spec.name, None, None, engine.weight_bytes, engine.kv.max_blocks,
+            t.stage_s, t.map_copy_s, t.build_s, t.graphs_s, t.total_s,
+        )
+
+    def _on_evict(self, message: m.Evict) -> None:
+        started = time.perf_counter()
+        failed = self._evict(message.name, f"the model was evicted ({message.reason})" if message.reason else "the model was evicted")
+        self._send_state()
+        self.outbox.append(m.ModelEvicted(message.name, time.perf_counter() - started, failed))
+
+    def _on_forget(self, message: m.Forget) -> None:
+        self._forget(message.name)
+        self._send_state()
+        self.outbox.append(m.ModelEvicted(message.name, 0.0, 0))
+
+    def _evict(self, name: str, error: str) -> int:
+        """Fail the model's unfinished requests, then unmap its weights and KV; return how many failed."""
+        if not self.is_resident(name):
+            return 0
+        engine = self.engines[name]
+        orphans = self.scheduler.remove_model(name)
+        for seq in orphans:
+            engine.release(seq.req_id)
+        if orphans:
+            self.outbox.append(m.StepOutputs([m.TokenDelta(s.req_id, [], "error", error, "unavailable") for s in orphans]))
+        engine.deactivate()
+        logger.info("evicted %s (%d unfinished request(s) failed)", name, len(orphans))
+        return len(orphans)
+
+    def _forget(self, name: str) -> None:
+        self._evict(name, "the model was removed")
+        engine = self.engines.pop(name, None)
+        if engine is not None:
+            engine.close()
+            del engine
+            collect_frozen()  # its objects were frozen at activation: reference cycles among them are freed now
+
+    def _on_generate(self, message: m.Generate) -> None:
+        seq, error, kind = self.sequence(message)
+        if seq is None:
+            logger.warning("request refused: %s", error, extra={"req_id": message.req_id, "model": message.model})
+            self.outbox.append(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", error, kind)]))
+            return
+        self.scheduler.add(seq)
+
+    def sequence(self, message: m.Generate) -> tuple[Sequence | None, str | None, m.RequestErrorKind | None]:
+        """The scheduler's sequence for a request, or why it is refused (and the error's kind)."""
+        if not self.is_resident(message.model):
+            return None, f"model {message.model!r} is not resident on worker {self.worker_id}", "not_resident"
+        spec = self.engines[message.model].spec
+        vocab_size = self.engines[message.model].arch.vocab_size
+        prompt = message.prompt_token_ids
+        error = None
+        if not prompt:
+            error = "empty prompt"
+        elif len(prompt) + message.sampling.max_tokens > spec.max_model_len:
+            error = f"prompt + max_tokens exceeds the context of {spec.max_model_len} tokens"
+        elif max(prompt) >= vocab_size or min(prompt) < 0:
+            error = f"token ids must be in [0, {vocab_size})"
+        if error is not None:
+            return None, error, "invalid_request"
+        params = message.sampling
+        return Sequence(
+            req_id=message.req_id,
+            model=message.model,
+            prompt_token_ids=list(prompt),
+            max_tokens=params.max_tokens,
+            arrival_s=message.arrival_s,
+            sampling=params,
+            min_tokens=params.min_tokens,
+            stop_token_ids=frozenset(params.stop_token_ids),
+            eos_token_ids=frozenset() if params.ignore_eos else frozenset(spec.eos_token_ids),
+            max_model_len=spec.max_model_len,
+            ttft_deadline_s=message.arrival_s + spec.ttft_slo_s,
+        ), None, None
+
+    def _on_abort(self, message: m.Abort) -> None:
+        for req_id in message.req_ids:
+            seq = self.scheduler.abort(req_id)
+            if seq is not None:
+                self.engines[seq.model].release(req_id)
+                logger.debug("aborted after %d tokens", seq.num_output_tokens, extra={"req_id": req_id, "model": seq.model})
+
+    def _on_shutdown(self, message: m.Shutdown) -> None:
+        self.stopping = True
+
+    # --- outputs ----------------------------------------------------------------------------------
+
+    def _publish(self, outcome: StepOutcome) -> None:
+        plan, engine = outcome.plan, self.engines[outcome.plan.model]
+        reasons = {seq.req_id: seq.finish_reason for seq in outcome.finished}
+        deltas = [m.TokenDelta(req_id, [token], reasons.get(req_id)) for req_id, token in outcome.sampled.items()]
+        deltas += [
+            m.TokenDelta(seq.req_id, [], "error", "the prompt does not fit this model's KV cache", "invalid_request")
+            for seq in plan.rejected
+        ]
+        deltas += [
+            m.TokenDelta(seq.req_id, [], "error", "internal engine error (see the worker log)", "internal")
+            for seq in outcome.failed
+        ]
+        for req_id in [*reasons, *(seq.req_id for seq in outcome.failed)]:
+            engine.release(req_id)
+        if deltas:
+            self.outbox.append(m.StepOutputs(deltas))
+
+    def _send_state(self) -> None:
+        """Report the models' and the pool's state. Also sent just before every reply to an activation or
+        eviction: messages arrive in order, so the controller never sees a model state change before the
+        memory that goes with it (its device view would lag by up to a heartbeat interval)."""
+        self.outbox.append(m.Heartbeat(self.worker_id, self.model_stats(), self.pool_stats(), self.scheduler.num_steps,
+                                       self.steps.device_busy_s, self.gc_stats() if self.gc_stats else None))
+
+    def model_stats(self) -> list[m.ModelStats]:
+        stats = []
+        for name, engine in self.engines.items():
+            queue = self.scheduler.queues.get(name)
+            counts = self.steps.counts.get(name, StepCounts())
+            stats.append(
+                m.ModelStats(
+                    name=name,
+                    resident=queue is not None,
+                    num_waiting=len(queue.waiting) if queue else 0,
+                    num_running=len(queue.running) if queue else 0,
+                    num_kv_blocks_used=engine.kv.num_used_blocks,
+                    num_kv_blocks_total=engine.kv.max_blocks,
+                    kv_pages_mapped=engine.kv.num_mapped_pages,
+                    weight_bytes=engine.weight_bytes,
+                    num_steps=counts.steps,
+                    num_scheduled_tokens=counts.tokens,
+                    num_preemptions=counts.preemptions,
+                    step_device_s=counts.device_s,
+                    prefill_tokens_per_s=self.scheduler.prefill_speed.tokens_per_s(name),
+                )
+            )
+        return stats
+
+    def pool_stats(self) -> m.PoolStats:
+        snap = self.pool.snapshot()
+        return m.PoolStats(
+            budget_bytes=snap.budget_pages * snap.page_bytes,
+            page_bytes=snap.page_bytes,
+            pages_mapped=snap.pages_mapped,
+            pages_free=snap.pages_free,
+            pages_reserved=snap.pages_reserved,
+            kv_pages_by_model=snap.kv_pages,
+            weight_pages_by_model=snap.weight_pages,
+        )
