@@ -30,15 +30,10 @@ class WorkerChannel:
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._handlers: dict[bytes, Handler] = {}
-        self._unknown: Callable[[str, m.FromWorker], None] | None = None
         self._task: asyncio.Task | None = None
 
     def register(self, worker_id: str, handler: Handler) -> None:
         self._handlers[worker_id.encode()] = handler
-
-    def on_unknown_worker(self, handler: Callable[[str, m.FromWorker], None]) -> None:
-        """Called for messages from a worker nobody registered (one joining from another host)."""
-        self._unknown = handler
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._receive_loop(), name="worker-channel")
@@ -59,8 +54,6 @@ class WorkerChannel:
             handler = self._handlers.get(identity)
             if handler is not None:
                 handler(message)
-            elif self._unknown is not None:
-                self._unknown(identity.decode(errors="replace"), message)
             else:
                 logger.warning("message from unknown worker %r dropped", identity)
 

@@ -14,7 +14,6 @@ Each model has exactly one weight source:
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -382,9 +381,3 @@ def default_registry_path() -> Path:
 
     return Path(str(files("configs").joinpath("demo.yaml")))
 
-
-def human_bytes(num_bytes: float) -> str:
-    if num_bytes < 1024:
-        return f"{int(num_bytes)} B"
-    exponent = min(int(math.log(num_bytes, 1024)), 4)
-    return f"{num_bytes / 1024**exponent:.1f} {['B', 'KiB', 'MiB', 'GiB', 'TiB'][exponent]}"
