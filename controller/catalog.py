@@ -47,8 +47,8 @@ class CatalogEntry:
         """Its weights and KV per token on `device` (the bytes the worker will map)."""
         return ModelSize.of(self.arch, self.config.dtype, device)
 
-    def spec(self, device: str, block_size: int, kv_budget_bytes: int | None = None) -> ModelSpec:
-        """What a worker on `device` needs to host this model (`kv_budget_bytes`: a fixed KV cap, static policy)."""
+    def spec(self, device: str, block_size: int) -> ModelSpec:
+        """What a worker on `device` needs to host this model."""
         dtype = resolve_dtype(self.config.dtype, device)
         return ModelSpec(
             name=self.name,
@@ -65,7 +65,6 @@ class CatalogEntry:
             ttft_slo_s=self.config.slo.ttft_s,
             tpot_slo_s=self.config.slo.tpot_s,
             priority=self.config.priority,
-            kv_budget_bytes=kv_budget_bytes,
         )
 
 

@@ -93,9 +93,9 @@ class ActionExecutor:
 
     async def _load(self, runtime: ModelRuntime) -> ActivationOutcome:
         worker = self.workers[runtime.device]
-        spec = runtime.entry.spec(runtime.device, self.registry.memory.block_size, runtime.kv_budget_bytes)
+        spec = runtime.entry.spec(runtime.device, self.registry.memory.block_size)
         try:
-            reply = await worker.activate(spec)
+            reply = await worker.activate(spec, runtime.kv_budget_bytes)
         except WorkerGone as exc:
             return ActivationOutcome("worker_lost", str(exc))
         if reply.error is not None:

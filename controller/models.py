@@ -74,7 +74,24 @@ class ModelManager:
         size = entry.size(next(iter(self.workers), "cpu"))
         runtime = ModelRuntime(entry, size.weight_bytes, size.kv_bytes_per_token, entry.config.pinned)
         self.runtimes[entry.name] = runtime
+        for worker in self.workers.values():
+            self._prepare(worker, runtime)
         return runtime
+
+    def _prepare(self, worker: WorkerHandle, runtime: ModelRuntime) -> None:
+        """Have `worker` prepare the model in the background, if the model may be placed there."""
+        preferred = runtime.entry.config.device
+        if worker.state == "ready" and preferred in (None, worker.worker_id):
+            worker.prepare(runtime.entry.spec(worker.worker_id, self.registry.memory.block_size))
+
+    def preparation(self, name: str) -> dict[str, str]:
+        """Per device, where the model stands in its preparation (from the workers' heartbeats)."""
+        states = {}
+        for device, worker in self.workers.items():
+            stats = worker.model_stats(name) if worker.state == "ready" else None
+            if stats is not None:
+                states[device] = stats.preparation
+        return states
 
     def entry(self, name: str) -> CatalogEntry | None:
         runtime = self.runtimes.get(name)
@@ -260,10 +277,16 @@ class ModelManager:
                 runtime.set_state(ModelState.INACTIVE, None)
 
     def _on_worker_ready(self, worker: WorkerHandle) -> None:
-        """A (re)started worker: bring back the models it held, and wake the requests waiting for a device."""
+        """A (re)started worker: bring back the models it held, have it prepare every model it may host
+        (the likeliest needed first: pinned, then by request rate, then in registry order), and wake the
+        requests waiting for a device."""
         restore = [name for name, wid in self.restoring.items() if wid == worker.worker_id and name in self.runtimes]
         if restore:
             asyncio.create_task(self._restore(restore, worker.worker_id))
+        now = time.monotonic()
+        order = sorted(self.runtimes.values(), key=lambda r: (not r.pinned, -self.rates.rates(now, r.name).request_rate))
+        for runtime in order:
+            self._prepare(worker, runtime)
         for runtime in self.runtimes.values():
             runtime.notify()
 

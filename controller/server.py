@@ -105,12 +105,14 @@ class Server:
 
     def health(self) -> dict:
         runtimes = self.manager.runtimes if self.manager else {}
-        models = {name: {"state": r.state.value, "device": r.device, "error": r.error} for name, r in runtimes.items()}
+        models = {name: {"state": r.state.value, "device": r.device, "error": r.error, "preparation": self.manager.preparation(name)}
+                  for name, r in runtimes.items()}
         workers = {wid: self._worker_report(w) for wid, w in self.workers.items()}
         restoring = sorted(self.manager.restoring) if self.manager else []
         ok = bool(workers) and all(w["state"] == "ready" for w in workers.values()) and not restoring
         ok = ok and not any(m["error"] for m in models.values())
-        return {"status": "ok" if ok else "degraded", "models": models, "workers": workers, "restoring": restoring}
+        preparing = sorted(name for name, m in models.items() if any(p != "prepared" for p in m["preparation"].values()))
+        return {"status": "ok" if ok else "degraded", "models": models, "workers": workers, "restoring": restoring, "preparing": preparing}
 
     def _metric_state(self):
         runtimes = self.manager.runtimes if self.manager else {}

@@ -183,14 +183,19 @@ class WorkerHandle:
 
     # --- models -----------------------------------------------------------------------------------
 
-    async def activate(self, spec: m.ModelSpec) -> m.ModelActivated:
+    def prepare(self, spec: m.ModelSpec) -> None:
+        """Have the worker prepare the model in the background (no reply: its heartbeats show progress)."""
+        if self.state == "ready":
+            self.channel.send(self.worker_id, m.Prepare(spec))
+
+    async def activate(self, spec: m.ModelSpec, kv_budget_bytes: int | None = None) -> m.ModelActivated:
         """Make the model resident here; the worker's reply (an error reply is returned, not raised)."""
         if self.state != "ready":
             raise WorkerGone(f"worker {self.worker_id} is {self.state}")
         future = self._activations.get(spec.name)
         if future is None:
             future = self._activations[spec.name] = asyncio.get_running_loop().create_future()
-            self.channel.send(self.worker_id, m.Activate(spec))
+            self.channel.send(self.worker_id, m.Activate(spec, kv_budget_bytes))
         return await asyncio.shield(future)
 
     async def evict(self, name: str, reason: str) -> m.ModelEvicted:

@@ -88,6 +88,7 @@ class HostWeightStore:
         self.root = Path(root)
         self.prefix = prefix
         self._images: OrderedDict[str, HostImage] = OrderedDict()
+        self._building: dict[str, threading.Event] = {}  # images being filled, by key
         self._lock = threading.Lock()
 
     @property
@@ -101,15 +102,35 @@ class HostWeightStore:
         fill's own copies (dummy weights generated on the GPU) run at DMA speed into memory that is
         already faulted in; it stays pinned. The caller holds the image (it is not dropped) until `release`.
         """
-        with self._lock:
-            image = self._images.get(key)
-            if image is None:
-                image = self._open(key, num_bytes, fill, pin_device)
+        while True:
+            with self._lock:
+                image = self._images.get(key)
+                if image is not None:
+                    self._images.move_to_end(key)
+                    image.users += 1
+                    self._trim_locked()
+                    return image
+                building = self._building.get(key)
+                if building is None:  # this thread builds it; others wait for it, outside the lock
+                    building = self._building[key] = threading.Event()
+                    break
+            building.wait()
+        try:
+            image = self._open(key, num_bytes, fill, pin_device)  # fills outside the lock: images stage in parallel
+            with self._lock:
                 self._images[key] = image
-            self._images.move_to_end(key)
-            image.users += 1
-            self._trim_locked()
+                image.users += 1
+                self._trim_locked()
             return image
+        finally:
+            with self._lock:
+                del self._building[key]
+            building.set()
+
+    def has(self, key: str) -> bool:
+        """Whether the image `key` is staged here (acquiring it is then a lookup)."""
+        with self._lock:
+            return key in self._images
 
     def release(self, image: HostImage) -> None:
         with self._lock:

@@ -6,6 +6,13 @@ handle the inbox (`handle`), run the step the local scheduler plans (`step`: one
 while the one before it finishes, `step_loop.py`), and now and then report (`report`: trim idle KV pages,
 top up the pool's reserve, a `Heartbeat`).
 
+Preparation never blocks the loop: a model's engine is built at once (address ranges only), its module
+and host image are prepared on a staging thread (`Engine.prepare`), and an activation that arrives before
+its model is prepared waits for that without holding up the resident models' steps; several models stage
+at once. On a GPU, a prepared model's CUDA graphs are captured while the device is idle (no step queued,
+no staging thread running: a capture must be the only CUDA work in the process), so that its activation
+is map + copy.
+
 Residency has one owner here: a model is resident on this device exactly when the local scheduler has
 its queue (`is_resident`). Engines outlive residency (an evicted model's engine keeps its address ranges
 and graphs for the next activation), so an engine existing says nothing about residency. Whatever goes
@@ -18,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -32,6 +40,8 @@ from workers.engine.engine import Engine, NotEnoughMemory
 from workers.step_loop import StepCounts, StepLoop, StepOutcome, model_queue
 
 logger = logging.getLogger("prism.worker")
+
+STAGING_THREADS = 2  # host images filled at once: enough to overlap disk or device work with a copy
 
 
 class DeviceLoop:
@@ -48,7 +58,13 @@ class DeviceLoop:
         self.gc_stats = gc_stats
         self.stopping = False
         self.outbox: list[m.FromWorker] = []
+        self._staging_threads = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="staging")
+        self._staging: dict[str, Future] = {}  # model -> its preparation on a staging thread
+        self._failed: dict[str, str] = {}  # model -> why its last preparation failed
+        self._activations: dict[str, tuple[float, int | None]] = {}  # waiting for their preparation: asked at, KV cap
+        self._freeze_when_idle = False
         self._handlers = {
+            m.Prepare: self._on_prepare,
             m.Activate: self._on_activate,
             m.Evict: self._on_evict,
             m.Forget: self._on_forget,
@@ -65,8 +81,14 @@ class DeviceLoop:
         self._handlers[type(message)](message)
 
     def step(self) -> None:
+        self._finish_preparations()
         for outcome in self.steps.advance():
             self._publish(outcome)
+        if not self.scheduler.has_work():
+            self._capture_one_when_idle()
+            if self._freeze_when_idle:  # a full collection, off every request's path
+                self._freeze_when_idle = False
+                logger.info("after activations: %s", freeze_heap().describe())
 
     def report(self) -> None:
         """Give idle KV pages back, top up the pool's reserve, and send the state (a heartbeat)."""
@@ -84,9 +106,25 @@ class DeviceLoop:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    @property
+    def poll_timeout_ms(self) -> int:
+        """How long the worker may wait for its inbox: not at all with steps to run, briefly while
+        preparations are under way (an activation may be waiting for one), else a while."""
+        if self.scheduler.has_work():
+            return 0
+        return 5 if self._staging or self._activations else 50
+
     def take_outbox(self) -> list[m.FromWorker]:
         outbox, self.outbox = self.outbox, []
         return outbox
+
+    def settle(self) -> None:
+        """Wait for every preparation under way and finish the activations waiting for them (for callers
+        that drive the loop by hand: the offline runner, tests)."""
+        while self._staging:
+            for future in list(self._staging.values()):
+                future.exception()
+            self._finish_preparations()
 
     def finish_running_step(self) -> None:
         for outcome in self.steps.drain():
@@ -94,6 +132,7 @@ class DeviceLoop:
 
     def close(self) -> None:
         self.finish_running_step()
+        self._staging_threads.shutdown(wait=True, cancel_futures=True)  # no thread may fill into a closed image
         for engine in self.engines.values():
             engine.close()
         if self.store is not None:
@@ -101,38 +140,107 @@ class DeviceLoop:
 
     # --- handlers ---------------------------------------------------------------------------------
 
+    def _on_prepare(self, message: m.Prepare) -> None:
+        self._stage(self._engine_for(message.spec))
+
     def _on_activate(self, message: m.Activate) -> None:
         spec = message.spec
-        engine = self.engines.get(spec.name)
-        if engine is not None and engine.spec != spec:  # the model was updated: rebuild its engine
-            self._forget(spec.name)
-            engine = None
         if self.is_resident(spec.name):
             self._send_state()
-            self.outbox.append(self._activated(engine))
+            self.outbox.append(self._activated(self.engines[spec.name]))
             return
         try:
-            if engine is None:
-                engine = self.engines[spec.name] = Engine(spec, self.device, self.pool, self.store)
-            times = engine.activate()
+            engine = self._engine_for(spec)
+        except Exception as exc:  # a spec the engine cannot take: the model is broken
+            logger.error("building the engine of %s failed:\n%s", spec.name, traceback.format_exc())
+            self._send_state()
+            self.outbox.append(m.ModelActivated(spec.name, f"{type(exc).__name__}: {exc}", "failed"))
+            return
+        self._activations[spec.name] = (time.perf_counter(), message.kv_budget_bytes)
+        if engine.prepared:
+            self._finish_activation(engine)
+        else:
+            self._stage(engine)
+
+    def _engine_for(self, spec: m.ModelSpec) -> Engine:
+        """The model's engine, built now if it has none (or the model was updated: rebuilt)."""
+        engine = self.engines.get(spec.name)
+        if engine is not None and engine.spec != spec and not self.is_resident(spec.name):
+            changed = [f for f in spec.__struct_fields__ if getattr(spec, f) != getattr(engine.spec, f)]
+            logger.info("the spec of %s changed (%s): its engine is built again", spec.name, ", ".join(changed))
+            self._forget(spec.name)
+            engine = None
+        if engine is None:
+            engine = self.engines[spec.name] = Engine(spec, self.device, self.pool, self.store)
+            self._failed.pop(spec.name, None)
+        return engine
+
+    def _stage(self, engine: Engine) -> None:
+        name = engine.spec.name
+        if name not in self._staging and not engine.prepared:
+            self._failed.pop(name, None)
+            self._staging[name] = self._staging_threads.submit(engine.prepare)
+
+    def _finish_preparations(self) -> None:
+        """Collect finished stagings; activate the models that were waiting for theirs."""
+        for name, future in list(self._staging.items()):
+            if not future.done():
+                continue
+            del self._staging[name]
+            error = future.exception()
+            if error is not None:
+                self._failed[name] = f"{type(error).__name__}: {error}"
+                logger.error("preparing %s failed: %s", name, self._failed[name])
+                if self._activations.pop(name, None) is not None:
+                    self._send_state()
+                    self.outbox.append(m.ModelActivated(name, self._failed[name], "failed"))
+            elif name in self._activations and name in self.engines:
+                self._finish_activation(self.engines[name])
+
+    def _finish_activation(self, engine: Engine) -> None:
+        spec = engine.spec
+        asked, kv_budget_bytes = self._activations.pop(spec.name)
+        waited = time.perf_counter() - asked
+        try:
+            times = engine.activate(kv_budget_bytes)
         except NotEnoughMemory as exc:
             self._send_state()
-            self.outbox.append(m.ModelActivated(spec.name, str(exc), "no_memory", weight_bytes=engine.weight_bytes if engine else 0))
+            self.outbox.append(m.ModelActivated(spec.name, str(exc), "no_memory", weight_bytes=engine.weight_bytes))
             return
         except Exception as exc:  # any load failure is reported; the controller fails the model's requests
             logger.error("activating %s failed:\n%s", spec.name, traceback.format_exc())
             self._send_state()
             self.outbox.append(m.ModelActivated(spec.name, f"{type(exc).__name__}: {exc}", "failed"))
             return
+        times.stage_s += waited  # the wait for its preparation was on the activation's path
+        times.total_s += waited
+        self._failed.pop(spec.name, None)
         self.scheduler.add_model(model_queue(engine))
         logger.info(
             "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
             spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,
         )
-        # A new engine's modules and graphs live as long as it does (after a re-activation this walks little).
-        logger.info("after activating %s: %s", spec.name, freeze_heap().describe())
         self._send_state()
         self.outbox.append(self._activated(engine))
+        self._freeze_when_idle = True  # its modules and graphs live as long as it does: out of full collections
+
+    def _capture_one_when_idle(self) -> None:
+        """Capture one prepared model's CUDA graphs, if the device is idle and the pool can lend the pages."""
+        if self._staging or self.device.type != "cuda":
+            return
+        for name, engine in self.engines.items():
+            if engine.prepared and not engine.graphs_captured and not self.is_resident(name) and name not in self._activations:
+                started = time.perf_counter()
+                try:
+                    captured = engine.capture_graphs()
+                except Exception:
+                    self._failed[name] = "capturing its CUDA graphs failed (see the worker log)"
+                    logger.error("capturing the graphs of %s ahead failed:\n%s", name, traceback.format_exc())
+                    continue
+                if captured:
+                    logger.info("captured the CUDA graphs of %s ahead of its activation in %.3f s", name, time.perf_counter() - started)
+                    self._freeze_when_idle = True
+                    return
 
     @staticmethod
     def _activated(engine: Engine) -> m.ModelActivated:
@@ -169,6 +277,12 @@ class DeviceLoop:
 
     def _forget(self, name: str) -> None:
         self._evict(name, "the model was removed")
+        staging = self._staging.pop(name, None)
+        if staging is not None:  # let its thread finish with the engine before the engine goes
+            staging.exception()
+        if self._activations.pop(name, None) is not None:
+            self.outbox.append(m.ModelActivated(name, "the model was removed", "failed"))
+        self._failed.pop(name, None)
         engine = self.engines.pop(name, None)
         if engine is not None:
             engine.close()
@@ -270,9 +384,20 @@ class DeviceLoop:
                     num_preemptions=counts.preemptions,
                     step_device_s=counts.device_s,
                     prefill_tokens_per_s=self.scheduler.prefill_speed.tokens_per_s(name),
+                    preparation=self._preparation(name, engine),
+                    graphs_captured=engine.graphs_captured,
                 )
             )
         return stats
+
+    def _preparation(self, name: str, engine: Engine) -> str:
+        if name in self._failed:
+            return f"failed: {self._failed[name]}"
+        if self.is_resident(name) or (engine.prepared and engine.graphs_captured):
+            return "prepared"
+        if engine.prepared:
+            return "staged, graphs pending"  # captured when the device is idle and the pool can lend the pages
+        return "staging" if name in self._staging else "not prepared"
 
     def pool_stats(self) -> m.PoolStats:
         snap = self.pool.snapshot()

@@ -31,6 +31,7 @@ class OfflineRunner:
         # `step()` calls sees every step applied.
         self.loop = DeviceLoop("offline", device, pool, store, local_policy="fcfs", tpot_target="request", overlap_steps=False)
         self.loop.handle(m.Activate(spec))
+        self.loop.settle()
         reply = next(msg for msg in self.loop.take_outbox() if isinstance(msg, m.ModelActivated))
         if reply.error is not None:
             self.loop.close()

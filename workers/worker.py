@@ -76,7 +76,7 @@ class Worker:
             pool = self.loop.pool
             self._send(m.WorkerReady(self.worker_id, self.device, os.getpid(), pool.budget_pages * pool.page_bytes))
             while not self.loop.stopping and self._controller_alive():
-                self._drain_inbox(timeout_ms=0 if self.loop.has_work() else 50)
+                self._drain_inbox(self.loop.poll_timeout_ms)
                 self.loop.step()
                 self._report_if_due()
                 self._flush()

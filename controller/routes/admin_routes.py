@@ -75,6 +75,7 @@ def _model_view(server, runtime) -> dict:
         },
         "slo": {"ttft_s": config.slo.ttft_s, "tpot_s": config.slo.tpot_s, "attainment": server.metrics.slo_attainment(runtime.name)},
         "last_activation": runtime.last_activation,
+        "preparation": server.manager.preparation(runtime.name),
         "max_model_len": runtime.entry.max_model_len,
     }
 

@@ -28,6 +28,7 @@ class Device:
         self.loop = DeviceLoop("test", device, pool, None, local_policy="prism", tpot_target="request", overlap_steps=overlap)
         for spec in specs:
             self.loop.handle(m.Activate(spec))
+        self.loop.settle()
         replies = [msg for msg in self.loop.take_outbox() if isinstance(msg, m.ModelActivated)]
         assert [r.error for r in replies] == [None] * len(specs)
         self.engines, self.scheduler, self.steps = self.loop.engines, self.loop.scheduler, self.loop.steps

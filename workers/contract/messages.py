@@ -1,6 +1,6 @@
 """Typed messages between the controller and a worker (msgpack over one ZMQ channel per worker).
 
-Controller -> worker: Configure, Activate, Evict, Forget, Generate, Abort, Shutdown.
+Controller -> worker: Configure, Prepare, Activate, Evict, Forget, Generate, Abort, Shutdown.
 Worker -> controller: Hello, WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat.
 
 A worker's life on the channel: it connects and says `Hello`; the controller answers `Configure` (the
@@ -64,7 +64,6 @@ class ModelSpec(msgspec.Struct, frozen=True):
     seed: int = 0
     priority: int = 0
     cuda_graphs: bool = True  # capture decode steps and steps with prompts up to 512 tokens as CUDA graphs (GPU only)
-    kv_budget_bytes: int | None = None  # a fixed cap on this model's KV (static partitioning); None: elastic
 
 
 # Controller -> worker
@@ -76,10 +75,18 @@ class Configure(msgspec.Struct, tag=True):
     config: WorkerConfig
 
 
-class Activate(msgspec.Struct, tag=True):
-    """Make the model resident: map and fill its weights (creating its engine on first use)."""
+class Prepare(msgspec.Struct, tag=True):
+    """Get ready to activate the model fast, in the background: build its engine, stage its host image
+    and, on a GPU while the device is idle, capture its CUDA graphs. No reply; heartbeats show progress."""
 
     spec: ModelSpec
+
+
+class Activate(msgspec.Struct, tag=True):
+    """Make the model resident: map and fill its weights (preparing it first if it is not prepared)."""
+
+    spec: ModelSpec
+    kv_budget_bytes: int | None = None  # a fixed cap on this model's KV (static partitioning); None: elastic
 
 
 class Evict(msgspec.Struct, tag=True):
@@ -111,7 +118,7 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToWorker = Configure | Activate | Evict | Forget | Generate | Abort | Shutdown
+ToWorker = Configure | Prepare | Activate | Evict | Forget | Generate | Abort | Shutdown
 
 
 # Worker -> controller
@@ -179,6 +186,9 @@ class ModelStats(msgspec.Struct):
     num_preemptions: int = 0
     step_device_s: float = 0.0
     prefill_tokens_per_s: float = 0.0  # the local scheduler's estimate (its prior until a prefill is measured)
+    # "prepared" (an activation is map + copy) | "staged, graphs pending" | "staging" | "not prepared" | "failed: why"
+    preparation: str = "prepared"
+    graphs_captured: bool = True  # its CUDA graphs exist (always true on the CPU)
 
 
 class PoolStats(msgspec.Struct):

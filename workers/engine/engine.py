@@ -1,11 +1,14 @@
 """The built-in engine: one model on one device, its weights and KV in the device's page pool.
 
 An engine is created once per (model, worker) and then activated and deactivated any number of times.
-Creation reserves address space only (weights range, KV range). Activation maps the weight pages (in
-64 MiB physical chunks: one driver call each) and copies the model's host image into them on several
-streams; the first activation also builds the model's tensor views and captures its CUDA graphs. Deactivation unmaps every page (the memory serves other models at once) but
-keeps the address ranges, the views and the graphs, so the next activation is map + copy and nothing
-else (Prism's engine pool).
+Creation reserves address space only (weights range, KV range). Preparation (`prepare`, off the device
+loop's thread) builds the model's tensor views over the still unmapped weight range and stages its
+host image (filled once per host, pinned); on a GPU, `capture_graphs` then captures its CUDA graphs once,
+over pages mapped for the capture alone, while the device is idle. Activation maps the weight pages (in
+64 MiB physical chunks: one driver call each) and copies the host image into them on several streams;
+whatever preparation has not done yet it does first. Deactivation unmaps every page (the memory serves
+other models at once) but keeps the address ranges, the views and the graphs, so the next activation is
+map + copy and nothing else (Prism's engine pool).
 
 The engine does not decide what runs: the worker's local scheduler hands it a StepPlan with KV blocks
 already allocated; `execute(plan)` runs that step and returns the sampled tokens.
@@ -13,6 +16,8 @@ already allocated; `execute(plan)` runs that step and returns the sampled tokens
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ COPY_STREAMS = 4  # copies of chunk-sized pieces in flight at once: enough to ke
 # step_cost-h200.json); the split costs one more read of the weights.
 SPLIT_MIN_DECODES = 64
 PREFILL_GRAPH_PROMPTS = 8  # prompt chunks a prefill graph takes beside SPLIT_MIN_DECODES decodes
+CAPTURE_KV_PAGES = 64  # free pages beyond the weights' that a capture ahead of activation wants (warm-up KV)
 
 
 def _single_tokens_first(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -57,10 +63,10 @@ class NotEnoughMemory(MemoryError):
 
 @dataclass
 class ActivationTimes:
-    stage_s: float = 0.0  # host image built or found, pinned
+    stage_s: float = 0.0  # waiting for the host image (built, or found and pinned) on the activation's path
     map_copy_s: float = 0.0  # pages mapped and weights copied in
-    build_s: float = 0.0  # tensor views and model (first activation only)
-    graphs_s: float = 0.0  # CUDA graph capture (first activation only)
+    build_s: float = 0.0  # tensor views and model (when preparation has not built them)
+    graphs_s: float = 0.0  # CUDA graph capture (when preparation has not captured them)
     total_s: float = 0.0
 
 
@@ -128,7 +134,8 @@ class Engine:
         # worker between steps (`trim`), not inside the scheduler's update while the next step runs.
         self.kv = KVSpace.for_model(pool, spec.name, block_bytes, trim_on_free=device.type != "cuda")
         self.kv_cache = self.kv.tensor(self.dtype, self.kv_block_shape)
-        self.allocator = CappedKV(self.kv, spec.kv_budget_bytes // block_bytes) if spec.kv_budget_bytes else self.kv
+        self.block_bytes = block_bytes
+        self.allocator: KVSpace | CappedKV = self.kv  # set again by each activation (a static KV share caps it)
         self.sampler = Sampler(device, seed=None)
         self.model: LlamaModel | None = None
         self.graphs: DecodeGraphs | None = None
@@ -138,10 +145,67 @@ class Engine:
         self.weights_mapped = False
         self.last_activation = ActivationTimes()
 
+    # --- preparation ------------------------------------------------------------------------------
+
+    @property
+    def prepared(self) -> bool:
+        """Its module is built and, with a host store, its image staged there: an activation is map + copy
+        (and, on a GPU without `graphs_captured`, the capture). The store may drop an idle image to keep
+        within its budget; the model is then prepared again."""
+        return self.model is not None and (self.store is None or self.store.has(self.image_key))
+
+    @property
+    def graphs_captured(self) -> bool:
+        return self.graphs is not None or self.device.type != "cuda" or not self.spec.cuda_graphs
+
+    def prepare(self) -> None:
+        """Build the module and stage the host image. Runs on a staging thread: it touches no page of the
+        pool (views over an unmapped range read nothing), and dummy weights are generated on a stream of
+        its own."""
+        if self.model is None:
+            self._build()
+        if self.store is None:
+            return
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            image = self.store.acquire(self.image_key, self.weight_bytes, self._fill_image, pin_device=str(self.device))
+            try:
+                image.pin(str(self.device))
+                if stream is not None:
+                    stream.synchronize()
+            finally:
+                self.store.release(image)
+
+    def _build(self) -> None:
+        views = self.layout.views(self.pool.tensor(self.weights)[: self.weight_bytes])
+        ops = "triton" if self.device.type == "cuda" else "torch"
+        self.model = LlamaModel.from_views(self.arch, self.spec.hf_config, views, ops)
+
+    def capture_graphs(self) -> bool:
+        """Capture the CUDA graphs before the first activation, over weight pages mapped for the capture
+        alone (their contents do not matter: the graphs record addresses, the warm-up's output is thrown
+        away) and unmapped after it. False, doing nothing, when the pool cannot lend the pages now."""
+        if self.graphs_captured or self.weights_mapped or self.model is None:
+            return self.graphs_captured
+        if self.weights.num_pages + CAPTURE_KV_PAGES > self.pool.num_free_pages:
+            return False
+        if not self.pool.map_pages(self.weights, range(self.weights.num_pages)):
+            return False
+        try:
+            self._prepare_graphs()
+        finally:
+            if self._scratch is not None:
+                self.kv.free(self._scratch)
+                self._scratch = None
+            self.kv.trim(0)
+            self._unmap_weights()
+        return True
+
     # --- activation -------------------------------------------------------------------------------
 
-    def activate(self) -> ActivationTimes:
-        """Map and fill the weights; raise NotEnoughMemory (nothing mapped) if the pool cannot back them."""
+    def activate(self, kv_budget_bytes: int | None = None) -> ActivationTimes:
+        """Map and fill the weights; raise NotEnoughMemory (nothing mapped) if the pool cannot back them.
+        `kv_budget_bytes`: a fixed cap on this model's KV (the static baseline's share); None: elastic."""
         assert not self.weights_mapped
         times = ActivationTimes()
         started = time.perf_counter()
@@ -151,8 +215,10 @@ class Engine:
                 f"{self.spec.name} needs {self.weights.num_pages} pages for weights; "
                 f"{self.pool.num_free_pages} of {self.pool.budget_pages} are free"
             )
+        self.allocator = CappedKV(self.kv, kv_budget_bytes // self.block_bytes) if kv_budget_bytes else self.kv
         if self.store is not None:
-            image = self.store.acquire(self._image_key(), self.weight_bytes, self._fill_image, pin_device=str(self.device))
+            # Prepared: the image is in the store and this is a lookup; else it is staged here, on the path.
+            image = self.store.acquire(self.image_key, self.weight_bytes, self._fill_image, pin_device=str(self.device))
             try:
                 image.pin(str(self.device))
                 times.stage_s = time.perf_counter() - started
@@ -168,9 +234,7 @@ class Engine:
         try:
             mark = time.perf_counter()
             if self.model is None:
-                views = self.layout.views(self.pool.tensor(self.weights)[: self.weight_bytes])
-                ops = "triton" if self.device.type == "cuda" else "torch"
-                self.model = LlamaModel.from_views(self.arch, self.spec.hf_config, views, ops)
+                self._build()
             times.build_s = time.perf_counter() - mark
             mark = time.perf_counter()
             self._prepare_graphs()
@@ -195,7 +259,8 @@ class Engine:
         self._unmap_weights()
         self.weights_mapped = False
 
-    def _image_key(self) -> str:
+    @functools.cached_property
+    def image_key(self) -> str:
         spec = self.spec
         source = spec.weights_dir if spec.load_format != "dummy" else f"dummy-{spec.seed}"
         return image_key(source, json.dumps(spec.hf_config, sort_keys=True), spec.dtype)

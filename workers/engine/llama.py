@@ -8,6 +8,9 @@ order on the CPU (greedy output matches it token for token), fused Triton kernel
 
 from __future__ import annotations
 
+import copy
+import threading
+
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -33,12 +36,19 @@ class LayerWeights:
     down: torch.Tensor
 
 
+_TRANSFORMERS_IMPORT = threading.Lock()  # transformers' lazy imports are not safe from two threads at once
+
+
 def rope_inv_freq(hf_config: dict) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling exactly as transformers computes them (all rope types)."""
-    from transformers import AutoConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    with _TRANSFORMERS_IMPORT:
+        from transformers import AutoConfig
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = AutoConfig.for_model(**hf_config)
+    # A copy: transformers rewrites a config's rope_scaling in place, and the spec that holds this dict is
+    # how a worker tells whether a model changed (it did, every time, so every activation built its
+    # engine again and captured its CUDA graphs again).
+    config = AutoConfig.for_model(**copy.deepcopy(hf_config))
     rotary = LlamaRotaryEmbedding(config=config)
     return rotary.inv_freq.detach().clone(), float(rotary.attention_scaling)
 

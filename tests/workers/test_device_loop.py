@@ -1,0 +1,98 @@
+"""The device loop's preparation: engines are prepared off the loop's thread, an activation waits for its
+model's preparation without stopping the resident models, and a re-activation reuses the engine."""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from memory.host_store import HostWeightStore
+from tests.factories import make_pool
+from workers.contract import messages as m
+from workers.device_loop import DeviceLoop
+from workers.engine.llama import rope_inv_freq
+
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny-llama.json"
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 1024}
+GREEDY = m.SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6)
+
+
+def spec(name: str, seed: int, **config) -> m.ModelSpec:
+    hf_config = {**json.loads(TINY.read_text()), **config}
+    return m.ModelSpec(name=name, weights_dir=None, hf_config=hf_config, load_format="dummy", dtype="float32", max_model_len=256,
+                       block_size=16, max_num_seqs=8, max_num_batched_tokens=128, eos_token_ids=[], ttft_slo_s=2.0, tpot_slo_s=0.2,
+                       seed=seed)
+
+
+@pytest.fixture
+def loop(tmp_path):
+    store = HostWeightStore(256 * 2**20, tmp_path, "prism-test-")
+    device_loop = DeviceLoop("test", "cpu", make_pool(256 * 2**20), store, local_policy="prism", tpot_target="request", overlap_steps=True)
+    yield device_loop
+    device_loop.close()
+
+
+def replies(loop: DeviceLoop, kind: type) -> list:
+    return [message for message in loop.take_outbox() if isinstance(message, kind)]
+
+
+def test_building_a_model_leaves_its_spec_config_as_it_was():
+    """Regression: transformers adds `rope_theta` to a config's rope_scaling in place, so the spec a worker
+    kept no longer equaled the controller's, and every activation built the engine and its graphs again."""
+    config = {**json.loads(TINY.read_text()), "rope_scaling": LLAMA3_ROPE}
+    before = copy.deepcopy(config)
+    rope_inv_freq(config)
+    assert config == before
+
+
+def test_reactivating_a_model_with_rope_scaling_reuses_its_prepared_engine(loop):
+    model = spec("rope", 1, rope_scaling=LLAMA3_ROPE)
+    loop.handle(m.Prepare(model))
+    loop.settle()
+    engine = loop.engines["rope"]
+    assert engine.prepared and loop.model_stats()[0].preparation == "prepared"
+    for _ in range(2):
+        loop.handle(m.Activate(m.decode_to_worker(m.encode(m.Activate(model))).spec))  # as it arrives over the wire
+        loop.settle()
+        (activated,) = replies(loop, m.ModelActivated)
+        assert activated.error is None and loop.is_resident("rope")
+        assert loop.engines["rope"] is engine and activated.build_s < 1e-3  # built once, when prepared
+        loop.handle(m.Evict("rope"))
+        assert not loop.is_resident("rope") and engine.prepared  # its image stays staged for the next activation
+
+
+def test_a_model_waiting_for_its_preparation_does_not_stop_a_resident_one(loop, tmp_path):
+    resident, cold = spec("resident", 1), spec("cold", 2)
+    loop.handle(m.Activate(resident))
+    loop.settle()
+    assert [r.error for r in replies(loop, m.ModelActivated)] == [None]
+    image = tmp_path / f"prism-test-{loop._engine_for(cold).image_key}"
+    with open(image.with_name(image.name + ".lock"), "w") as lock:  # another process on the host builds that image
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        loop.handle(m.Activate(cold))  # returns at once: the cold model stages on a thread, blocked on the lock
+        loop.handle(m.Generate("r1", "resident", [5, 6, 7], GREEDY, time.time()))
+        tokens = []
+        while loop.has_work():
+            loop.step()
+            tokens += [t for msg in loop.take_outbox() if isinstance(msg, m.StepOutputs) for d in msg.deltas for t in d.token_ids]
+        assert len(tokens) == GREEDY.max_tokens  # the resident model finished its request meanwhile
+        assert not loop.is_resident("cold") and {s.name: s.preparation for s in loop.model_stats()}["cold"] == "staging"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    loop.settle()
+    (activated,) = replies(loop, m.ModelActivated)
+    assert activated.name == "cold" and activated.error is None and loop.is_resident("cold")
+    assert activated.stage_s > 0  # its wait for the preparation counts in its activation
+
+
+def test_a_failed_preparation_fails_the_activation_waiting_for_it(loop):
+    broken = spec("broken", 3, hidden_act="gelu")  # the engine refuses it when it is built
+    loop.handle(m.Activate(broken))
+    loop.settle()
+    (activated,) = replies(loop, m.ModelActivated)
+    assert activated.error_kind == "failed" and "gelu" in activated.error
