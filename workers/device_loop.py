@@ -124,7 +124,8 @@ class DeviceLoop:
         while self._staging:
             for future in list(self._staging.values()):
                 future.exception()
-            self._finish_preparations()
+            while any(f.done() for f in self._staging.values()):
+                self._finish_preparations()
 
     def finish_running_step(self) -> None:
         for outcome in self.steps.drain():
@@ -182,7 +183,8 @@ class DeviceLoop:
             self._staging[name] = self._staging_threads.submit(engine.prepare)
 
     def _finish_preparations(self) -> None:
-        """Collect finished stagings; activate the models that were waiting for theirs."""
+        """Collect finished stagings; activate a model that was waiting for its preparation. One activation a
+        turn: the worker sends its reply before the next one starts, and steps run between them."""
         for name, future in list(self._staging.items()):
             if not future.done():
                 continue
@@ -196,6 +198,7 @@ class DeviceLoop:
                     self.outbox.append(m.ModelActivated(name, self._failed[name], "failed"))
             elif name in self._activations and name in self.engines:
                 self._finish_activation(self.engines[name])
+                return
 
     def _finish_activation(self, engine: Engine) -> None:
         spec = engine.spec

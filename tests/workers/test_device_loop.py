@@ -96,3 +96,72 @@ def test_a_failed_preparation_fails_the_activation_waiting_for_it(loop):
     loop.settle()
     (activated,) = replies(loop, m.ModelActivated)
     assert activated.error_kind == "failed" and "gelu" in activated.error
+
+
+# --- on the GPU ---------------------------------------------------------------------------------------
+
+SHAPES = Path(__file__).resolve().parents[2] / "configs" / "shapes"
+
+
+def gpu_spec(cuda_graphs: bool) -> m.ModelSpec:
+    config = {**json.loads((SHAPES / "llama-3.2-1b.json").read_text()), "num_hidden_layers": 4}
+    return m.ModelSpec(name="m", weights_dir=None, hf_config=config, load_format="dummy", dtype="float32", max_model_len=1024,
+                       block_size=16, max_num_seqs=16, max_num_batched_tokens=256, eos_token_ids=[], ttft_slo_s=2.0,
+                       tpot_slo_s=0.2, seed=5, cuda_graphs=cuda_graphs)
+
+
+def generate(loop: DeviceLoop, prompts: list[list[int]]) -> list[list[int]]:
+    params = m.SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
+    for i, prompt in enumerate(prompts):
+        loop.handle(m.Generate(f"r{i}", "m", prompt, params, time.time()))
+    outputs: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
+    while loop.has_work():
+        loop.step()
+        for message in loop.take_outbox():
+            for delta in message.deltas if isinstance(message, m.StepOutputs) else []:
+                outputs[delta.req_id] += delta.token_ids
+    loop.finish_running_step()
+    for message in loop.take_outbox():
+        for delta in message.deltas if isinstance(message, m.StepOutputs) else []:
+            outputs[delta.req_id] += delta.token_ids
+    return [outputs[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.gpu
+def test_gpu_graphs_captured_ahead_give_the_eager_tokens_and_a_reactivation_captures_nothing():
+    import os
+
+    import torch
+
+    from memory import PagePool
+    from memory.cuda_backend import CudaBackend
+
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 100, 300)]
+    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
+    results = {}
+    try:
+        for graphs in (False, True):
+            loop = DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
+                              tpot_target="request", overlap_steps=True)
+            spec = gpu_spec(graphs)
+            loop.handle(m.Prepare(spec))
+            loop.settle()
+            loop.step()  # the device is idle: the graphs are captured now, ahead of the activation
+            engine = loop.engines["m"]
+            assert engine.graphs_captured and (engine.graphs is not None) == graphs
+            captured = engine.graphs
+            runs = []
+            for _ in range(2):
+                loop.handle(m.Activate(spec))
+                loop.settle()
+                (activated,) = replies(loop, m.ModelActivated)
+                assert activated.error is None and activated.graphs_s < 0.05 and activated.build_s < 1e-3
+                runs.append(generate(loop, prompts))
+                loop.handle(m.Evict("m"))
+                assert engine.graphs is captured  # kept across the eviction: nothing captured again
+            assert runs[0] == runs[1]
+            results[graphs] = runs[0]
+            loop.close()
+    finally:
+        store.drop_all(unlink=True)
+    assert results[True] == results[False] and all(len(out) == 12 for out in results[True])

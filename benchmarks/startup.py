@@ -1,0 +1,120 @@
+"""Start-up and recovery as an operator sees them: from `prism serve` to serving and to every model
+prepared, then from `kill -9` of a worker to every model it held served again, measured from a client.
+
+    python benchmarks/startup.py --config configs/prism-8models.yaml --gpu-memory-utilization 0.915
+
+Writes JSON (command, date, card) to --out: `serve_to_ready_s` (the server answers and its start-up
+activations are done), `serve_to_all_prepared_s` (every worker reports every model prepared),
+`kill9_to_all_served_s` (the last first token of a client per model that was resident, all started right
+after the kill, each sending its request again after an error), and per model its time to first token
+after the kill and its failed attempts (requests that reached the worker as it died fail, as they must).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.controller.server_process import start_server, stop_server, wait_until  # noqa: E402
+
+TOKEN = "startup-bench"
+
+
+def registry(config: Path, gpu_memory_utilization: float | None) -> dict:
+    raw = yaml.safe_load(config.read_text())
+    raw.setdefault("server", {})["admin_token_env"] = "PRISM_BENCH_ADMIN_TOKEN"
+    if gpu_memory_utilization is not None:
+        raw.setdefault("memory", {})["gpu_memory_utilization"] = gpu_memory_utilization
+    for model in raw["models"]:  # keep relative paths working from the copy
+        for field in ("config", "path", "gguf"):
+            if field in model and not Path(model[field]).is_absolute():
+                model[field] = str((config.parent / model[field]).resolve())
+    return raw
+
+
+async def first_tokens(server, models: list[str], since: float, deadline_s: float) -> tuple[dict[str, float], dict[str, int]]:
+    """Per model, a client that sends a streamed request and, as clients do, sends it again after an
+    error (a request that reached the worker as it died fails); seconds from `since` to each model's first
+    token, and how many attempts failed first."""
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def attempt(model: str) -> bool:
+            body = {"model": model, "prompt": "Hello", "max_tokens": 2, "stream": True, "ignore_eos": True}
+            async with client.stream("POST", server.api_url + "/completions", json=body) as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    return False
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        return "choices" in json.loads(line[6:])  # a token; an error event has none
+            return False
+
+        async def one(model: str) -> tuple[float, int]:
+            failures = 0
+            while not await attempt(model):
+                failures += 1
+                if time.perf_counter() - since > deadline_s:
+                    raise RuntimeError(f"{model}: not served within {deadline_s} s of the kill")
+                await asyncio.sleep(0.1)
+            return time.perf_counter() - since, failures
+
+        outcomes = dict(zip(models, await asyncio.gather(*(one(m) for m in models))))
+        return {m: t for m, (t, _) in outcomes.items()}, {m: f for m, (_, f) in outcomes.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--gpu-memory-utilization", type=float)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "startup.json")
+    args = parser.parse_args()
+
+    result = {"benchmark": "startup", "command": " ".join(["python", *sys.argv]),
+              "date": datetime.now().astimezone().isoformat(timespec="seconds"), "config": args.config.name}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    with tempfile.TemporaryDirectory() as workdir:
+        path = Path(workdir) / "registry.yaml"
+        path.write_text(yaml.safe_dump(registry(args.config, args.gpu_memory_utilization)))
+        launched = time.perf_counter()
+        server = start_server(path, env={"PRISM_BENCH_ADMIN_TOKEN": TOKEN}, ready_timeout_s=args.timeout)
+        try:
+            result["serve_to_ready_s"] = time.perf_counter() - launched
+            wait_until(lambda: not server.health()["preparing"], args.timeout, 0.2, "every model prepared")
+            result["serve_to_all_prepared_s"] = time.perf_counter() - launched
+            health = server.health()
+            result["card"] = next(iter(health["workers"]))
+            result["num_models"] = len(health["models"])
+            resident = [name for name, model in health["models"].items() if model["state"] == "active"]
+            result["resident_at_kill"] = resident
+            os.kill(server.worker_pid(next(iter(health["workers"]))), signal.SIGKILL)
+            killed = time.perf_counter()
+            ttfts, failures = asyncio.run(first_tokens(server, resident, killed, args.timeout))
+            result["kill9_to_all_served_s"] = max(ttfts.values())
+            result["kill9_ttft_s"] = ttfts
+            result["kill9_failed_attempts"] = failures
+            events = httpx.get(server.base_url + "/admin/events", params={"limit": 1000}, headers=headers).json()["events"]
+            result["restore_activations"] = [e for e in events if e["kind"] == "activated" and "restore" in (e.get("detail") or "")]
+        finally:
+            stop_server(server)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".server.log").write_text(server.log())
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("_s")}, indent=1))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
