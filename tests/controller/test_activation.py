@@ -117,6 +117,31 @@ def test_a_request_during_activation_is_held_not_rejected(server):
     assert first.usage.completion_tokens == 3 and second.usage.completion_tokens == 3
 
 
+def test_traffic_that_moves_between_more_models_than_fit_is_all_answered(server):
+    """Concurrent clients whose traffic moves from one SmolLM2 copy to the next (two fit at a time): every
+    request completes, none fails or times out, and the moves show as activations and evictions."""
+    activations_before, evictions_before = len(events(server, "activated")), len(events(server, "evicted"))
+    schedule = [(0.15 * i, SMOL[(i // 4) % len(SMOL)]) for i in range(24)] + [(0.3 * i, TINY) for i in range(6)]
+
+    async def scenario():
+        client = openai.AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
+
+        async def one(delay: float, model: str):
+            await asyncio.sleep(delay)  # the schedule of a client, not synchronisation
+            return await client.completions.create(model=model, prompt="The sky is", max_tokens=4, temperature=0)
+
+        return await asyncio.gather(*(one(delay, model) for delay, model in schedule), return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    assert failures == []
+    assert [o.model for o in outcomes] == [model for _, model in schedule]
+    assert all(o.usage.completion_tokens == 4 for o in outcomes)
+    assert len(events(server, "activated")) > activations_before and len(events(server, "evicted")) > evictions_before
+    health = server.health()
+    assert health["status"] == "ok" and health["preparing"] == []  # every model stayed prepared on the worker
+
+
 def test_pinned_models_stay(server):
     pinned = next(name for name in SMOL if states(server)[name] == "active")
     assert admin(server, "POST", f"/models/{pinned}/pin").json()["pinned"] is True
