@@ -87,7 +87,11 @@ class ActionExecutor:
         started = time.monotonic()
         if after:
             await asyncio.gather(*after, return_exceptions=True)
-        outcome = await self._load(runtime)
+        try:
+            outcome = await self._load(runtime)
+        except Exception as exc:  # a defect here must not leave the model activating for ever
+            logger.exception("activating %s failed in the controller", runtime.name)
+            outcome = ActivationOutcome("failed", f"{type(exc).__name__}: {exc}")
         self._record_activation(runtime, outcome, time.monotonic() - started, reason)
         return outcome
 

@@ -15,6 +15,7 @@ from controller.app import create_app
 from controller.catalog import build_catalog
 from controller.registry import default_registry_path, load_registry
 from controller.server import Server
+from tests.controller.http_cases import INVALID_FIELDS, MALFORMED_BODIES
 from workers.contract.prepare import default_cache_dir
 
 TINY = "tiny-llama-random"
@@ -68,20 +69,7 @@ def test_models_are_listed_with_their_context(registry, catalog):
     assert {m["id"]: m["max_model_len"] for m in response.json()["data"]} == {"smollm2-135m-instruct": 8192, TINY: 2048}
 
 
-@pytest.mark.parametrize(
-    "fields, param",
-    [
-        ({"temperature": 5}, "temperature"),
-        ({"top_p": 0}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, None),
-        ({"stop": [f"s{i}" for i in range(20)]}, "stop"),
-        ({"bogus_field": 1}, "bogus_field"),
-        ({"logprobs": True}, None),
-        ({"model": "no-such-model"}, "model"),
-        ({"max_tokens": 4096}, "max_tokens"),
-    ],
-)
+@pytest.mark.parametrize("fields, param", [*INVALID_FIELDS, ({"model": "no-such-model"}, "model"), ({"max_tokens": 4096}, "max_tokens")])
 def test_invalid_requests_get_an_openai_error_naming_the_field(registry, catalog, fields, param):
     (response,) = call(registry, catalog, chat(**fields))
     error = error_of(response)
@@ -95,15 +83,7 @@ def test_invalid_requests_get_an_openai_error_naming_the_field(registry, catalog
         assert error["param"] == param
 
 
-@pytest.mark.parametrize(
-    "content, expected",
-    [
-        (b"{not json", "not valid JSON"),
-        (b'{"model": "tiny-llama-random"}', "messages"),
-        (b'{"model": "tiny-llama-random", "messages": "hi"}', "messages"),
-        (b'{"model": "tiny-llama-random", "messages": []}', "messages"),
-    ],
-)
+@pytest.mark.parametrize("content, expected", MALFORMED_BODIES)
 def test_malformed_bodies_are_400(registry, catalog, content, expected):
     request = ("POST", "/v1/chat/completions", {"content": content, "headers": {"content-type": "application/json"}})
     (response,) = call(registry, catalog, request)

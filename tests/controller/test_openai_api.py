@@ -9,6 +9,7 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from tests.controller.http_cases import INVALID_FIELDS, MALFORMED_BODIES
 from tests.controller.server_process import wait_until
 
 SMOL = "smollm2-135m-instruct"
@@ -150,18 +151,7 @@ def test_unknown_model_is_404(client):
     assert error.body["code"] == "model_not_found" and error.body["param"] == "model"
 
 
-@pytest.mark.parametrize(
-    "extra, param",
-    [
-        ({"temperature": 5}, "temperature"),
-        ({"top_p": 0}, "top_p"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"n": 2}, None),
-        ({"stop": [f"s{i}" for i in range(20)]}, "stop"),
-        ({"bogus_field": 1}, "bogus_field"),
-        ({"logprobs": True}, None),
-    ],
-)
+@pytest.mark.parametrize("extra, param", INVALID_FIELDS)
 def test_invalid_fields_are_400_with_an_openai_body(client, extra, param):
     error = _error(lambda: client.chat.completions.create(model=TINY, messages=QUESTION, extra_body=extra, max_tokens=3))
     assert error.status_code == 400
@@ -182,15 +172,7 @@ def test_token_ids_outside_the_vocabulary_are_400(client):
     assert error.status_code == 400 and error.body["param"] == "prompt"
 
 
-@pytest.mark.parametrize(
-    "content, expected",
-    [
-        (b"{not json", "not valid JSON"),
-        (b'{"model": "tiny-llama-random"}', "messages"),
-        (b'{"model": "tiny-llama-random", "messages": "hi"}', "messages"),
-        (b'{"model": "tiny-llama-random", "messages": []}', "messages"),
-    ],
-)
+@pytest.mark.parametrize("content, expected", MALFORMED_BODIES)
 def test_malformed_bodies_are_400(demo_server, content, expected):
     response = httpx.post(demo_server.api_url + "/chat/completions", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 400
