@@ -72,10 +72,13 @@ def test_killed_mid_prefill(server):
         client = openai.AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
         request = asyncio.ensure_future(client.completions.create(model=SMOL, prompt=long_prompt, max_tokens=5))
         deadline = time.monotonic() + 60
+        # Killed early in the prefill (its 6000 tokens take 375 blocks, 8 a step): under a loaded CI machine a
+        # kill late in it could race the request's end.
         while server.health()["workers"]["cpu"].get("models", {}).get(SMOL, {}).get("num_kv_blocks_used", 0) == 0:
             assert time.monotonic() < deadline, "the prefill should start"
             await asyncio.sleep(0.02)
-        assert not request.done(), "the prefill must still be running when the worker is killed"
+        used = server.health()["workers"]["cpu"]["models"][SMOL]["num_kv_blocks_used"]
+        assert used < 300 and not request.done(), f"the prefill must still be running when the worker is killed ({used} blocks)"
         old = kill_worker(server)
         killed = time.monotonic()
         with pytest.raises(openai.InternalServerError) as error:
