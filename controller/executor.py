@@ -8,13 +8,15 @@ EVICTING), so the next decision sees them and memory is never booked twice; the 
 round trips to the workers) then runs in tasks. An activation waits for the evictions that were started
 with it on its device.
 
-Every activation ends with one of four outcomes (`ActivationOutcome.kind`):
+Every activation ends with one of five outcomes (`ActivationOutcome.kind`):
   * `ok`: the model is resident;
   * `no_memory` (transient): the worker could not back it now; a later decision retries, not before
     `NO_MEMORY_BACKOFF_S`;
   * `worker_lost` (transient): the worker exited or is restarting; its device leaves the cluster state
     until it is back, so requests wait for it instead of retrying;
-  * `failed`: the model is broken; its requests fail (503) until an operator changes the model.
+  * `failed`: the model is broken; its requests fail (503) until an operator changes the model;
+  * `cancelled`: it was started for requests that all left while it waited for the model's preparation,
+    and withdrawn (`cancel_if_unwanted`); the model stays prepared, inactive.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ logger = logging.getLogger("prism.controller")
 
 NO_MEMORY_BACKOFF_S = 0.5
 
-OutcomeKind = Literal["ok", "no_memory", "worker_lost", "failed"]
+OutcomeKind = Literal["ok", "no_memory", "worker_lost", "failed", "cancelled"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class ActionExecutor:
             elif isinstance(action, Activate) and runtime.state is ModelState.INACTIVE:
                 runtime.set_state(ModelState.ACTIVATING, action.device)
                 runtime.kv_budget_bytes = action.kv_budget_bytes
+                runtime.activation_reason = reason
                 task = asyncio.create_task(self._activate(runtime, evictions.get(action.device, []), reason))
             elif isinstance(action, Migrate) and runtime.state is ModelState.ACTIVE:
                 runtime.set_state(ModelState.EVICTING)
@@ -119,12 +122,24 @@ class ActionExecutor:
             runtime.set_state(ModelState.ACTIVE)
             return
         self.metrics.activations.labels(runtime.name, outcome.kind).inc()
+        if outcome.kind == "cancelled":
+            self.events.add("activation_cancelled", runtime.name, device, elapsed, "no request waits for it")
+            runtime.set_state(ModelState.INACTIVE, None)
+            return
         self.events.add("activation_failed", runtime.name, device, elapsed, f"{outcome.kind}: {outcome.error}")
         if outcome.kind == "failed":
             runtime.error = outcome.error  # a broken model: its requests fail instead of waiting
         elif outcome.kind == "no_memory":
             runtime.retry_after_s = time.monotonic() + NO_MEMORY_BACKOFF_S
         runtime.set_state(ModelState.INACTIVE, None)
+
+    def cancel_if_unwanted(self, runtime: ModelRuntime) -> None:
+        """The last request waiting for `runtime` left: withdraw its activation if only requests asked for
+        it (not the scheduler, an operator, start-up or a restore) and the worker is still preparing it."""
+        if runtime.state is ModelState.ACTIVATING and runtime.num_waiting == 0 and runtime.activation_reason == "request":
+            worker = self.workers.get(runtime.device)
+            if worker is not None:
+                worker.cancel_activation(runtime.name)
 
     # --- eviction and migration -------------------------------------------------------------------
 

@@ -176,6 +176,8 @@ class ModelManager:
                     pass  # re-check: a cycle may have found room meanwhile
         finally:
             runtime.num_waiting -= 1
+            if runtime.num_waiting == 0:
+                self.executor.cancel_if_unwanted(runtime)
 
     def release(self, model: str, num_generated: int) -> None:
         runtime = self.runtimes.get(model)

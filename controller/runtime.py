@@ -35,6 +35,7 @@ class ModelRuntime:
     error: str | None = None  # why the last activation failed for good
     last_activation: dict = field(default_factory=dict)
     task: asyncio.Task | None = None  # the action in progress on it (activation, eviction, migration)
+    activation_reason: str = ""  # who asked for its last activation ("request", "scheduler", "admin", ...)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

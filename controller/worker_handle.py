@@ -198,6 +198,11 @@ class WorkerHandle:
             self.channel.send(self.worker_id, m.Activate(spec, kv_budget_bytes))
         return await asyncio.shield(future)
 
+    def cancel_activation(self, name: str) -> None:
+        """Withdraw `name`'s activation if the worker is still preparing for it (its reply settles it)."""
+        if self.state == "ready" and name in self._activations:
+            self.channel.send(self.worker_id, m.CancelActivation(name))
+
     async def evict(self, name: str, reason: str) -> m.ModelEvicted:
         if self.state != "ready":
             raise WorkerGone(f"worker {self.worker_id} is {self.state}")

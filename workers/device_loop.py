@@ -66,6 +66,7 @@ class DeviceLoop:
         self._handlers = {
             m.Prepare: self._on_prepare,
             m.Activate: self._on_activate,
+            m.CancelActivation: self._on_cancel_activation,
             m.Evict: self._on_evict,
             m.Forget: self._on_forget,
             m.Generate: self._on_generate,
@@ -162,6 +163,13 @@ class DeviceLoop:
             self._finish_activation(engine)
         else:
             self._stage(engine)
+
+    def _on_cancel_activation(self, message: m.CancelActivation) -> None:
+        """Withdraw an activation still waiting for its preparation; the preparation itself goes on."""
+        if self._activations.pop(message.name, None) is not None:
+            logger.info("activation of %s cancelled: no request waits for it", message.name)
+            self._send_state()
+            self.outbox.append(m.ModelActivated(message.name, "cancelled: no request waits for it", "cancelled"))
 
     def _engine_for(self, spec: m.ModelSpec) -> Engine:
         """The model's engine, built now if it has none (or the model was updated: rebuilt)."""

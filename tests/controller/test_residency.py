@@ -50,6 +50,7 @@ class Peer:
         self.received: list[m.ToWorker] = []
         self.holds: set[str] = set()  # what this peer reports as resident
         self.not_resident_once: set[str] = set()  # refuse the next request of these models as not resident
+        self.preparing: set[str] = set()  # activations of these wait (as for a preparation) until cancelled
 
     def send(self, message: m.FromWorker) -> None:
         self.socket.send(m.encode(message))
@@ -68,7 +69,12 @@ class Peer:
         while True:
             message = m.decode_to_worker(await self.socket.recv())
             self.received.append(message)
-            if isinstance(message, m.Activate):
+            if isinstance(message, m.Activate) and message.spec.name in self.preparing:
+                continue  # answered when cancelled, as a worker still preparing the model would
+            if isinstance(message, m.CancelActivation) and message.name in self.preparing:
+                self.heartbeat()
+                self.send(m.ModelActivated(message.name, "cancelled: no request waits for it", "cancelled"))
+            elif isinstance(message, m.Activate):
                 self.holds.add(message.spec.name)
                 self.heartbeat()  # a worker's state goes out before its reply
                 self.send(m.ModelActivated(message.spec.name, None))
@@ -164,5 +170,37 @@ def test_a_request_refused_as_not_resident_is_routed_again_and_completes(catalog
         assert len(activations) == 2  # once by the admin call, once to repair the disagreement
         assert len(repairs(server, TINY)) == 1
         assert server.manager.runtimes[TINY].num_in_flight == 0
+
+    run(catalog, scenario)
+
+
+def test_an_activation_whose_requests_all_left_is_cancelled(catalog):
+    async def scenario(server, peer):
+        peer.preparing.add(SMOL)
+        app = create_app(server.registry, default_cache_dir(), server)
+        app.state.server = server
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://prism.test") as client:
+            request = asyncio.ensure_future(client.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 2}))
+            runtime = server.manager.runtimes[SMOL]
+            await until(lambda: runtime.state is ModelState.ACTIVATING)
+            request.cancel()  # the client goes away while the model is still being prepared
+        await until(lambda: runtime.state is ModelState.INACTIVE)
+        assert any(isinstance(x, m.CancelActivation) and x.name == SMOL for x in peer.received)
+        assert [e["kind"] for e in server.events.recent(100, SMOL)][-1] == "activation_cancelled"
+        assert runtime.error is None and runtime.num_in_flight == 0
+
+    run(catalog, scenario)
+
+
+def test_an_activation_an_operator_asked_for_is_not_cancelled_when_requests_leave(catalog):
+    async def scenario(server, peer):
+        runtime = server.manager.runtimes[TINY]
+        await server.manager.evict(TINY)
+        peer.preparing.add(TINY)
+        admin = asyncio.ensure_future(server.manager.activate(TINY))
+        await until(lambda: runtime.state is ModelState.ACTIVATING)
+        server.manager.executor.cancel_if_unwanted(runtime)  # what a departing request does
+        assert not any(isinstance(x, m.CancelActivation) for x in peer.received)
+        admin.cancel()
 
     run(catalog, scenario)

@@ -90,6 +90,22 @@ def test_a_model_waiting_for_its_preparation_does_not_stop_a_resident_one(loop, 
     assert activated.stage_s > 0  # its wait for the preparation counts in its activation
 
 
+def test_an_activation_withdrawn_while_its_model_prepares_is_cancelled_and_the_model_still_prepared(loop, tmp_path):
+    cold = spec("cold", 2)
+    image = tmp_path / f"prism-test-{loop._engine_for(cold).image_key}"
+    with open(image.with_name(image.name + ".lock"), "w") as lock:  # another process on the host builds that image
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        loop.handle(m.Activate(cold))
+        loop.handle(m.CancelActivation("cold"))
+        (cancelled,) = replies(loop, m.ModelActivated)
+        assert cancelled.error_kind == "cancelled"
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    loop.settle()
+    assert replies(loop, m.ModelActivated) == [] and not loop.is_resident("cold") and loop.engines["cold"].prepared
+    loop.handle(m.CancelActivation("cold"))  # nothing left to cancel: no reply
+    assert replies(loop, m.ModelActivated) == []
+
+
 def test_a_failed_preparation_fails_the_activation_waiting_for_it(loop):
     broken = spec("broken", 3, hidden_act="gelu")  # the engine refuses it when it is built
     loop.handle(m.Activate(broken))

@@ -1,6 +1,6 @@
 """Typed messages between the controller and a worker (msgpack over one ZMQ channel per worker).
 
-Controller -> worker: Configure, Prepare, Activate, Evict, Forget, Generate, Abort, Shutdown.
+Controller -> worker: Configure, Prepare, Activate, CancelActivation, Evict, Forget, Generate, Abort, Shutdown.
 Worker -> controller: Hello, WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat.
 
 A worker's life on the channel: it connects and says `Hello`; the controller answers `Configure` (the
@@ -23,8 +23,9 @@ import msgspec
 from workers.contract.config import WorkerConfig
 
 # Why a model could not be activated, and so who acts: `no_memory` (transient: the scheduler makes room
-# and retries), `failed` (the model is broken: its requests fail until the operator changes it).
-ActivationErrorKind = Literal["no_memory", "failed"]
+# and retries), `failed` (the model is broken: its requests fail until the operator changes it),
+# `cancelled` (the controller withdrew it: nobody waits for it any more).
+ActivationErrorKind = Literal["no_memory", "failed", "cancelled"]
 # Why a request ended with an error: `invalid_request` (the client's fault, 400), `unavailable` (retry:
 # 503), `not_resident` (the worker does not hold the model the controller routed to: the controller
 # repairs its view and routes again), `internal` (500).
@@ -96,6 +97,13 @@ class Evict(msgspec.Struct, tag=True):
     reason: str = ""
 
 
+class CancelActivation(msgspec.Struct, tag=True):
+    """Withdraw an activation that is still waiting for the model's preparation (its requests all left);
+    the worker answers ModelActivated with kind `cancelled`, or nothing if the activation already ended."""
+
+    name: str
+
+
 class Forget(msgspec.Struct, tag=True):
     """Evict the model and drop its engine (the model left the registry)."""
 
@@ -118,7 +126,7 @@ class Shutdown(msgspec.Struct, tag=True):
     pass
 
 
-ToWorker = Configure | Prepare | Activate | Evict | Forget | Generate | Abort | Shutdown
+ToWorker = Configure | Prepare | Activate | CancelActivation | Evict | Forget | Generate | Abort | Shutdown
 
 
 # Worker -> controller
