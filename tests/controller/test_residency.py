@@ -39,7 +39,7 @@ def stats(name: str) -> m.ModelStats:
 
 
 class Peer:
-    """The worker's side of the channel, scripted: it answers what it is sent as `replies` says."""
+    """The worker's side of the channel, scripted: it answers what it is sent as its sets below say."""
 
     def __init__(self, address: str, worker_id: str = "cpu"):
         self.context = zmq.asyncio.Context()
@@ -51,6 +51,7 @@ class Peer:
         self.holds: set[str] = set()  # what this peer reports as resident
         self.not_resident_once: set[str] = set()  # refuse the next request of these models as not resident
         self.preparing: set[str] = set()  # activations of these wait (as for a preparation) until cancelled
+        self._handled = asyncio.Condition()  # notified after each message the peer has answered
 
     def send(self, message: m.FromWorker) -> None:
         self.socket.send(m.encode(message))
@@ -69,37 +70,53 @@ class Peer:
         while True:
             message = m.decode_to_worker(await self.socket.recv())
             self.received.append(message)
-            if isinstance(message, m.Activate) and message.spec.name in self.preparing:
-                continue  # answered when cancelled, as a worker still preparing the model would
-            if isinstance(message, m.CancelActivation) and message.name in self.preparing:
-                self.heartbeat()
-                self.send(m.ModelActivated(message.name, "cancelled: no request waits for it", "cancelled"))
-            elif isinstance(message, m.Activate):
-                self.holds.add(message.spec.name)
-                self.heartbeat()  # a worker's state goes out before its reply
-                self.send(m.ModelActivated(message.spec.name, None))
-            elif isinstance(message, m.Evict):
-                self.holds.discard(message.name)
-                self.heartbeat()
-                self.send(m.ModelEvicted(message.name))
-            elif isinstance(message, m.Generate) and message.model in self.not_resident_once:
-                self.not_resident_once.discard(message.model)
-                self.holds.discard(message.model)
-                self.send(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", "not resident here", "not_resident")]))
-            elif isinstance(message, m.Generate):
-                self.send(m.StepOutputs([m.TokenDelta(message.req_id, [72]), m.TokenDelta(message.req_id, [105], "length")]))
+            self._answer(message)
+            async with self._handled:
+                self._handled.notify_all()
+
+    async def handled(self, predicate, timeout_s: float = 10.0) -> None:
+        """Wait until `predicate()` holds, checking it after each message the peer answers."""
+        async with self._handled:
+            await asyncio.wait_for(self._handled.wait_for(predicate), timeout_s)
+
+    def _answer(self, message: m.ToWorker) -> None:
+        if isinstance(message, m.Activate) and message.spec.name in self.preparing:
+            return  # answered when cancelled, as a worker still preparing the model would
+        if isinstance(message, m.CancelActivation) and message.name in self.preparing:
+            self.heartbeat()
+            self.send(m.ModelActivated(message.name, "cancelled: no request waits for it", "cancelled"))
+        elif isinstance(message, m.Activate):
+            self.holds.add(message.spec.name)
+            self.heartbeat()  # a worker's state goes out before its reply
+            self.send(m.ModelActivated(message.spec.name, None))
+        elif isinstance(message, m.Evict):
+            self.holds.discard(message.name)
+            self.heartbeat()
+            self.send(m.ModelEvicted(message.name))
+        elif isinstance(message, m.Generate) and message.model in self.not_resident_once:
+            self.not_resident_once.discard(message.model)
+            self.holds.discard(message.model)
+            self.send(m.StepOutputs([m.TokenDelta(message.req_id, [], "error", "not resident here", "not_resident")]))
+        elif isinstance(message, m.Generate):
+            self.send(m.StepOutputs([m.TokenDelta(message.req_id, [72]), m.TokenDelta(message.req_id, [105], "length")]))
 
     def close(self) -> None:
         self.socket.close(0)
         self.context.term()
 
 
-async def until(predicate, timeout_s: float = 10.0) -> None:
-    async def poll():
-        while not predicate():
-            await asyncio.sleep(0.005)
+async def state_reaches(runtime, state: ModelState, timeout_s: float = 10.0) -> None:
+    """Wait until the controller's runtime is in `state`, woken by each of its state changes."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while runtime.state is not state:
+        await runtime.changed(deadline - asyncio.get_running_loop().time())
 
-    await asyncio.wait_for(poll(), timeout_s)
+
+def client_of(server) -> httpx.AsyncClient:
+    """An in-process HTTP client of the server's app (its workers are the scripted peer)."""
+    app = create_app(server.registry, default_cache_dir(), server)
+    app.state.server = server
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://prism.test")
 
 
 def run(catalog, scenario) -> None:
@@ -114,7 +131,7 @@ def run(catalog, scenario) -> None:
         assert configure.config == registry.worker_config(server.store_prefix)
         serving = asyncio.create_task(peer.serve())
         try:
-            await until(lambda: server.workers["cpu"].state == "ready")
+            assert await server.workers["cpu"].wait_ready(10)
             await server.manager.activate(TINY)
             await scenario(server, peer)
         finally:
@@ -136,7 +153,7 @@ def test_a_model_the_worker_no_longer_lists_is_marked_inactive_with_an_error(cat
         peer.holds.clear()
         with caplog.at_level(logging.ERROR, logger="prism.controller"):
             peer.heartbeat()
-            await until(lambda: runtime.state is ModelState.INACTIVE)
+            await state_reaches(runtime, ModelState.INACTIVE)
         assert runtime.device is None and len(repairs(server, TINY)) == 1
         assert any("residency" in r.getMessage() and TINY in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 
@@ -148,9 +165,9 @@ def test_a_model_held_by_a_worker_the_controller_does_not_place_it_on_is_evicted
         assert server.manager.runtimes[SMOL].state is ModelState.INACTIVE
         peer.holds.add(SMOL)  # the worker says it holds a model the controller never activated
         peer.heartbeat()
-        await until(lambda: any(isinstance(x, m.Evict) and x.name == SMOL for x in peer.received))
+        await peer.handled(lambda: any(isinstance(x, m.Evict) and x.name == SMOL for x in peer.received))
         assert server.manager.runtimes[SMOL].state is ModelState.INACTIVE and len(repairs(server, SMOL)) == 1
-        await until(lambda: SMOL not in peer.holds)
+        assert SMOL not in peer.holds
 
     run(catalog, scenario)
 
@@ -158,9 +175,7 @@ def test_a_model_held_by_a_worker_the_controller_does_not_place_it_on_is_evicted
 def test_a_request_refused_as_not_resident_is_routed_again_and_completes(catalog):
     async def scenario(server, peer):
         peer.not_resident_once.add(TINY)
-        app = create_app(server.registry, default_cache_dir(), server)
-        app.state.server = server
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://prism.test") as client:
+        async with client_of(server) as client:
             response = await client.post("/v1/completions", json={"model": TINY, "prompt": "Hello", "max_tokens": 2})
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["finish_reason"] == "length" and response.json()["usage"]["completion_tokens"] == 2
@@ -177,14 +192,12 @@ def test_a_request_refused_as_not_resident_is_routed_again_and_completes(catalog
 def test_an_activation_whose_requests_all_left_is_cancelled(catalog):
     async def scenario(server, peer):
         peer.preparing.add(SMOL)
-        app = create_app(server.registry, default_cache_dir(), server)
-        app.state.server = server
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://prism.test") as client:
+        async with client_of(server) as client:
             request = asyncio.ensure_future(client.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 2}))
             runtime = server.manager.runtimes[SMOL]
-            await until(lambda: runtime.state is ModelState.ACTIVATING)
+            await state_reaches(runtime, ModelState.ACTIVATING)
             request.cancel()  # the client goes away while the model is still being prepared
-        await until(lambda: runtime.state is ModelState.INACTIVE)
+        await state_reaches(runtime, ModelState.INACTIVE)
         assert any(isinstance(x, m.CancelActivation) and x.name == SMOL for x in peer.received)
         assert [e["kind"] for e in server.events.recent(100, SMOL)][-1] == "activation_cancelled"
         assert runtime.error is None and runtime.num_in_flight == 0
@@ -198,7 +211,7 @@ def test_an_activation_an_operator_asked_for_is_not_cancelled_when_requests_leav
         await server.manager.evict(TINY)
         peer.preparing.add(TINY)
         admin = asyncio.ensure_future(server.manager.activate(TINY))
-        await until(lambda: runtime.state is ModelState.ACTIVATING)
+        await state_reaches(runtime, ModelState.ACTIVATING)
         server.manager.executor.cancel_if_unwanted(runtime)  # what a departing request does
         assert not any(isinstance(x, m.CancelActivation) for x in peer.received)
         admin.cancel()

@@ -48,3 +48,10 @@ def test_the_worker_command_line_takes_no_configuration():
     assert (args.controller, args.device) == ("tcp://127.0.0.1:1", "cpu")
     with pytest.raises(SystemExit):
         parse_args(["--controller", "tcp://127.0.0.1:1", "--budget-bytes", "1"])
+
+
+def test_devices_auto_counts_the_gpus_cuda_visible_devices_leaves():
+    from controller.server import resolve_devices, visible_gpus
+
+    assert [visible_gpus(4, v) for v in (None, "0,1", "", "-1", "2,-1,3", "0,1,2,3,4,5")] == [4, 2, 0, 0, 1, 4]
+    assert resolve_devices(["cuda:1"]) == ["cuda:1"]

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import msgspec
 
-from workers.contract.prepare import PrepareJob, Prepared, default_cache_dir  # noqa: F401 (default_cache_dir: for callers)
+from workers.contract.prepare import PrepareJob, Prepared
 
 logger = logging.getLogger(__name__)
 
