@@ -2,12 +2,14 @@
 prepared, then from `kill -9` of a worker to every model it held served again, measured from a client.
 
     python benchmarks/startup.py --config configs/prism-8models.yaml --gpu-memory-utilization 0.915
+    python benchmarks/startup.py --config configs/prism-20models.yaml --gpu-memory-utilization 0.915 --no-kill
 
 Writes JSON (command, date, card) to --out: `serve_to_ready_s` (the server answers and its start-up
 activations are done), `serve_to_all_prepared_s` (every worker reports every model prepared),
 `kill9_to_all_served_s` (the last first token of a client per model that was resident, all started right
-after the kill, each sending its request again after an error), and per model its time to first token
-after the kill and its failed attempts (requests that reached the worker as it died fail, as they must).
+after the kill, each sending its request again after an error), `kill9_to_worker_ready_s` (the restarted
+worker, or its standby, ready), and per model its time to first token after the kill and its failed
+attempts (requests that reached the worker as it died fail, as they must). `--no-kill`: start-up only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +47,26 @@ def registry(config: Path, gpu_memory_utilization: float | None) -> dict:
             if field in model and not Path(model[field]).is_absolute():
                 model[field] = str((config.parent / model[field]).resolve())
     return raw
+
+
+def card_name(device: str) -> str:
+    """The card's name, from nvidia-smi (this process keeps off the GPU: no context beside the worker's)."""
+    if not device.startswith("cuda"):
+        return device
+    index = device.partition(":")[2] or "0"
+    query = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", index]
+    return subprocess.run(query, capture_output=True, text=True, check=True).stdout.strip()
+
+
+async def worker_back(server, device: str, old_pid: int, since: float, deadline_s: float) -> float:
+    """Seconds from `since` until the device's worker is ready again (another process than `old_pid`)."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        while time.perf_counter() - since < deadline_s:
+            worker = (await client.get(server.base_url + "/health")).json()["workers"][device]
+            if worker["state"] == "ready" and worker["pid"] != old_pid:
+                return time.perf_counter() - since
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"the worker of {device} was not back within {deadline_s} s")
 
 
 async def first_tokens(server, models: list[str], since: float, deadline_s: float) -> tuple[dict[str, float], dict[str, int]]:
@@ -80,6 +103,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--no-kill", action="store_true", help="measure start-up only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "startup.json")
     args = parser.parse_args()
 
@@ -96,18 +120,26 @@ def main() -> None:
             wait_until(lambda: not server.health()["preparing"], args.timeout, 0.2, "every model prepared")
             result["serve_to_all_prepared_s"] = time.perf_counter() - launched
             health = server.health()
-            result["card"] = next(iter(health["workers"]))
+            result["device"] = next(iter(health["workers"]))
+            result["card"] = card_name(result["device"])
             result["num_models"] = len(health["models"])
             resident = [name for name, model in health["models"].items() if model["state"] == "active"]
             result["resident_at_kill"] = resident
-            os.kill(server.worker_pid(next(iter(health["workers"]))), signal.SIGKILL)
-            killed = time.perf_counter()
-            ttfts, failures = asyncio.run(first_tokens(server, resident, killed, args.timeout))
-            result["kill9_to_all_served_s"] = max(ttfts.values())
-            result["kill9_ttft_s"] = ttfts
-            result["kill9_failed_attempts"] = failures
-            events = httpx.get(server.base_url + "/admin/events", params={"limit": 1000}, headers=headers).json()["events"]
-            result["restore_activations"] = [e for e in events if e["kind"] == "activated" and "restore" in (e.get("detail") or "")]
+            if not args.no_kill:
+                old_pid = server.worker_pid(result["device"])
+                os.kill(old_pid, signal.SIGKILL)
+                killed = time.perf_counter()
+
+                async def recovery():
+                    return await asyncio.gather(worker_back(server, result["device"], old_pid, killed, args.timeout),
+                                                first_tokens(server, resident, killed, args.timeout))
+
+                result["kill9_to_worker_ready_s"], (ttfts, failures) = asyncio.run(recovery())
+                result["kill9_to_all_served_s"] = max(ttfts.values())
+                result["kill9_ttft_s"] = ttfts
+                result["kill9_failed_attempts"] = failures
+                events = httpx.get(server.base_url + "/admin/events", params={"limit": 1000}, headers=headers).json()["events"]
+                result["restore_activations"] = [e for e in events if e["kind"] == "activated" and "restore" in (e.get("detail") or "")]
         finally:
             stop_server(server)
             args.out.parent.mkdir(parents=True, exist_ok=True)

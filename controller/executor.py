@@ -115,7 +115,8 @@ class ActionExecutor:
             reply = outcome.reply
             runtime.activated_s = time.monotonic()
             runtime.last_activation = {"total_s": elapsed, "worker_s": reply.total_s, "stage_s": reply.stage_s,
-                                       "map_copy_s": reply.map_copy_s, "build_s": reply.build_s, "graphs_s": reply.graphs_s}
+                                       "map_copy_s": reply.map_copy_s, "build_s": reply.build_s,
+                                       "graphs_captured": reply.graphs_captured}
             self.metrics.activations.labels(runtime.name, "ok").inc()
             self.metrics.activation_seconds.labels(runtime.name).observe(elapsed)
             self.events.add("activated", runtime.name, device, elapsed, reason)

@@ -94,9 +94,10 @@ class Server:
         self.gc_pauses.install()
         self.channel = WorkerChannel()
         self.channel.start()
-        config = self.registry.worker_config(self.store_prefix)
+        config = self.registry.worker_config(self.store_prefix, self.cache_dir)
         for device in self.devices:
-            self.workers[device] = WorkerHandle(device, device, self.channel, config, self.log_format)
+            self.workers[device] = WorkerHandle(device, device, self.channel, config, self.log_format,
+                                                standby=self.registry.server.wants_standby(device))
         self.manager = ModelManager(self.registry, self._catalog, self.workers, self.metrics, self.events)
         self._catalog = None
         self.client = EngineClient(self.manager, self.registry.server)
@@ -137,7 +138,8 @@ class Server:
 
     @staticmethod
     def _worker_report(worker: WorkerHandle) -> dict:
-        report = {"state": worker.state, "pid": worker.pid, "restarts": worker.num_restarts, "device": worker.device}
+        report = {"state": worker.state, "pid": worker.pid, "standby_pid": worker.standby_pid, "restarts": worker.num_restarts,
+                  "device": worker.device}
         beat = worker.last_heartbeat
         if beat is not None:
             report["pool"] = msgspec.to_builtins(beat.pool)

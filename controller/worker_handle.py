@@ -2,7 +2,9 @@
 
 The handle starts the worker and restarts it when it exits unexpectedly: every in-flight request of it
 is failed at once (a 5xx, never a hang), pending activations and evictions fail, and the model manager
-is told that the worker's models are gone (they are activated again on demand). A worker that connects
+is told that the worker's models are gone (they are activated again on demand). With `standby`, a spare
+worker process waits beside the live one with its imports done (`workers.main --standby`) and takes over
+at once; a new spare starts when the new worker is ready. A worker that connects
 says Hello and gets its configuration (`Configure`) in answer. `activate` and `evict` send the message
 and wait for the worker's reply; `submit` and `abort` carry requests; every heartbeat is handed to the
 model manager, which reconciles what it believes the worker holds with what the worker reports.
@@ -25,7 +27,7 @@ from workers.contract.config import WorkerConfig
 
 logger = logging.getLogger("prism.controller")
 
-RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0)
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0)  # by restarts in a row (a worker that ran a minute resets it)
 
 
 class WorkerGone(RuntimeError):
@@ -63,8 +65,10 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerHandle:
-    def __init__(self, worker_id: str, device: str, channel: WorkerChannel, config: WorkerConfig, log_format: str = "text"):
+    def __init__(self, worker_id: str, device: str, channel: WorkerChannel, config: WorkerConfig, log_format: str = "text",
+                 standby: bool = False):
         self.worker_id = worker_id
+        self.standby = standby
         self.device = device
         self.channel = channel
         self.config = config
@@ -80,6 +84,7 @@ class WorkerHandle:
         self.on_ready: Callable[[WorkerHandle], None] | None = None
         self.on_heartbeat: Callable[[WorkerHandle, m.Heartbeat], None] | None = None
         self._process: asyncio.subprocess.Process | None = None
+        self._standby: asyncio.subprocess.Process | None = None  # the spare, waiting for its go on stdin
         self._supervisor: asyncio.Task | None = None
         self._stopping = False
         self._ready = asyncio.Event()
@@ -102,6 +107,12 @@ class WorkerHandle:
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.worker_id}")
 
+    @property
+    def standby_pid(self) -> int | None:
+        """The spare's process id while one waits to take over."""
+        spare = self._standby
+        return spare.pid if spare is not None and spare.returncode is None else None
+
     async def wait_ready(self, timeout_s: float) -> bool:
         try:
             await asyncio.wait_for(self._ready.wait(), timeout_s)
@@ -109,8 +120,8 @@ class WorkerHandle:
             return False
         return True
 
-    async def _spawn(self) -> None:
-        command = [
+    def _command(self) -> list[str]:
+        return [
             sys.executable, "-m", "workers.main",
             "--controller", self.channel.address,
             "--device", self.device,
@@ -119,10 +130,44 @@ class WorkerHandle:
             "--log-level", logging.getLevelName(logging.getLogger("prism").getEffectiveLevel()),
             "--log-format", self.log_format,
         ]
+
+    async def _spawn(self) -> None:
         self.state = "starting"
-        self._process = await asyncio.create_subprocess_exec(*command)
+        spare, self._standby = self._standby, None
+        if spare is not None and spare.returncode is None:
+            try:
+                spare.stdin.write(b"go\n")
+                await spare.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                spare = None  # it died meanwhile
+        else:
+            spare = None
+        if spare is not None:
+            self._process = spare
+            logger.info("worker %s: its standby (pid %d) takes over on %s", self.worker_id, spare.pid, self.device)
+        else:
+            self._process = await asyncio.create_subprocess_exec(*self._command())
+            logger.info("started worker %s (pid %d) on %s", self.worker_id, self._process.pid, self.device)
         self.pid = self._process.pid
-        logger.info("started worker %s (pid %d) on %s", self.worker_id, self.pid, self.device)
+
+    async def _start_standby(self) -> None:
+        if not self.standby or self._stopping or (self._standby is not None and self._standby.returncode is None):
+            return
+        self._standby = await asyncio.create_subprocess_exec(*self._command(), "--standby", stdin=asyncio.subprocess.PIPE)
+        logger.info("worker %s: a standby (pid %d) waits to take over", self.worker_id, self._standby.pid)
+        if self._stopping:  # stop() ran while it started
+            await self._stop_standby(10.0)
+
+    async def _stop_standby(self, timeout_s: float) -> None:
+        spare, self._standby = self._standby, None
+        if spare is None or spare.returncode is not None:
+            return
+        spare.stdin.close()  # end of input: it exits
+        try:
+            await asyncio.wait_for(spare.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            spare.kill()
+            await spare.wait()
 
     async def _supervise(self) -> None:
         attempt = 0
@@ -178,6 +223,7 @@ class WorkerHandle:
                 await process.wait()
         if self._supervisor is not None:
             self._supervisor.cancel()
+        await self._stop_standby(timeout_s)
         self._fail_everything("the server is shutting down", "unavailable", WorkerGone("the server is shutting down"))
         self.state = "stopped"
 
@@ -249,6 +295,8 @@ class WorkerHandle:
         self.pool_budget_bytes = message.pool_budget_bytes
         self._ready.set()
         logger.info("worker %s ready (pid %d, pool %.2f GiB)", self.worker_id, message.pid, message.pool_budget_bytes / 2**30)
+        if self.standby:
+            asyncio.get_running_loop().create_task(self._start_standby(), name=f"standby-{self.worker_id}")
         if self.on_ready is not None:
             self.on_ready(self)
 

@@ -26,6 +26,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+PIN_PIECE_BYTES = 1 << 30  # an image is pinned a piece at a time, from its start (see HostImage.pin)
+
+
 @dataclass(eq=False)
 class HostImage:
     key: str
@@ -33,46 +36,70 @@ class HostImage:
     num_bytes: int
     tensor: torch.Tensor  # uint8 view over the shared mapping
     _mapping: mmap.mmap = field(repr=False)
-    pinned_on: str | None = None
+    pinned_on: str | None = None  # the device whose context pinned its pieces
+    pinned_pieces: int = 0  # pieces of PIN_PIECE_BYTES page-locked, from the start
     pin_refused: bool = False  # the driver would not page-lock this mapping: copies run from pageable memory
     users: int = 0
+    _pin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def pinned_bytes(self) -> int:
+        """How many bytes from the start are page-locked (copies of them run at line rate)."""
+        return min(self.pinned_pieces * PIN_PIECE_BYTES, self.num_bytes)
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_bytes == self.num_bytes
 
     def pin(self, device: str) -> bool:
         """Page-lock the mapping for DMA (cuMemHostRegister) so copies to `device` run at line rate.
 
-        Shared memory (/dev/shm) can be pinned; a file on a disk file system may be refused (Linux does not
-        page-lock file-backed mappings for long): then the image stays usable, unpinned, and this says so
-        once. Through the driver API, so that a refusal leaves no error behind for torch's next launch
-        check (the runtime's cudaHostRegister does). Returns whether the image is pinned.
+        A piece at a time, in order: a copy that starts meanwhile takes the pinned pieces at line rate and
+        the rest through bounce buffers (workers/engine/host_copy.py), and no one driver call holds the
+        driver long (1 GiB in about 0.1 s on the lent H100; a whole 16 GB image took 1.8 s in a worker
+        restarted over it). Shared memory (/dev/shm) can be pinned; a file on a disk file system may be
+        refused (Linux does not page-lock file-backed mappings for long): then the image stays usable,
+        unpinned, and this says so once. Through the driver API, so that a refusal leaves no error behind
+        for torch's next launch check (the runtime's cudaHostRegister does). Returns whether the image is
+        pinned.
         """
-        if self.pinned_on is not None or self.pin_refused or not device.startswith("cuda"):
-            return self.pinned_on is not None
-        from memory.backend import BackendError
-        from memory.cuda_backend import CudaBackend
-
-        backend = CudaBackend(device)
-        try:
-            backend.pin_host(self.tensor)
-        except BackendError as error:
-            self.pin_refused = True
-            logger.warning("could not pin the weight image %s (%d bytes; %s): copies from it run at pageable "
-                           "speed; keep the host store in /dev/shm", self.path, self.num_bytes, error)
+        if not device.startswith("cuda"):
             return False
-        finally:
-            backend.close()
-        self.pinned_on = device
-        return True
-
-    def close(self) -> None:
-        if self.pinned_on is not None:
+        with self._pin_lock:
+            if self.pinned or self.pin_refused:
+                return self.pinned
+            from memory.backend import BackendError
             from memory.cuda_backend import CudaBackend
 
-            backend = CudaBackend(self.pinned_on)
+            backend = CudaBackend(self.pinned_on or device)
             try:
-                backend.unpin_host(self.tensor)
+                while not self.pinned:
+                    start = self.pinned_bytes
+                    backend.pin_host(self.tensor[start : start + PIN_PIECE_BYTES])
+                    self.pinned_on = self.pinned_on or device
+                    self.pinned_pieces += 1
+            except BackendError as error:
+                self.pin_refused = True
+                logger.warning("could not pin the weight image %s (%d bytes; %s): copies from its unpinned part go "
+                               "through bounce buffers; keep the host store in /dev/shm", self.path, self.num_bytes, error)
+                return False
             finally:
                 backend.close()
-            self.pinned_on = None
+            return True
+
+    def close(self) -> None:
+        with self._pin_lock:
+            if self.pinned_pieces:
+                from memory.cuda_backend import CudaBackend
+
+                backend = CudaBackend(self.pinned_on)
+                try:
+                    for piece in range(self.pinned_pieces):
+                        backend.unpin_host(self.tensor[piece * PIN_PIECE_BYTES : (piece + 1) * PIN_PIECE_BYTES])
+                finally:
+                    backend.close()
+                self.pinned_pieces = 0
+                self.pinned_on = None
         del self.tensor
         self._mapping.close()
 
@@ -131,6 +158,12 @@ class HostWeightStore:
         """Whether the image `key` is staged here (acquiring it is then a lookup)."""
         with self._lock:
             return key in self._images
+
+    def is_pinned(self, key: str) -> bool:
+        """Whether the image `key` is staged here and page-locked whole."""
+        with self._lock:
+            image = self._images.get(key)
+            return image is not None and image.pinned
 
     def release(self, image: HostImage) -> None:
         with self._lock:

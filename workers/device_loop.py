@@ -9,9 +9,13 @@ top up the pool's reserve, a `Heartbeat`).
 Preparation never blocks the loop: a model's engine is built at once (address ranges only), its module
 and host image are prepared on a staging thread (`Engine.prepare`), and an activation that arrives before
 its model is prepared waits for that without holding up the resident models' steps; several models stage
-at once. On a GPU, a prepared model's CUDA graphs are captured while the device is idle (no step queued,
-no staging thread running: a capture must be the only CUDA work in the process), so that its activation
-is map + copy.
+at once. An image found in the store rather than built here (a restarted worker's, another worker's) is
+pinned on a thread of its own afterwards; an activation meanwhile copies its unpinned part through bounce
+buffers. On a GPU, CUDA graphs are captured while the device is idle (no step queued, no staging or
+pinning thread running: a capture must be the only CUDA work in the process): a prepared model's ahead of
+its activation, so that the activation is map + copy. An activation never captures: a model activated
+before its graphs were captured runs eager until the device is idle, or until it has run eager for
+GRAPHS_DUE_S, when its graphs are captured between two steps.
 
 Residency has one owner here: a model is resident on this device exactly when the local scheduler has
 its queue (`is_resident`). Engines outlive residency (an evicted model's engine keeps its address ranges
@@ -42,6 +46,7 @@ from workers.step_loop import StepCounts, StepLoop, StepOutcome, model_queue
 logger = logging.getLogger("prism.worker")
 
 STAGING_THREADS = 2  # host images filled at once: enough to overlap disk or device work with a copy
+GRAPHS_DUE_S = 5.0  # an active model runs eager at most this long under load before its graphs are captured
 
 
 class DeviceLoop:
@@ -60,6 +65,9 @@ class DeviceLoop:
         self.outbox: list[m.FromWorker] = []
         self._staging_threads = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="staging")
         self._staging: dict[str, Future] = {}  # model -> its preparation on a staging thread
+        self._pin_thread = ThreadPoolExecutor(1, thread_name_prefix="pinning")
+        self._pinning: dict[str, Future] = {}  # model -> its image being pinned
+        self._eager_since: dict[str, float] = {}  # active models without graphs yet: since when
         self._failed: dict[str, str] = {}  # model -> why its last preparation failed
         self._activations: dict[str, tuple[float, int | None]] = {}  # waiting for their preparation: asked at, KV cap
         self._freeze_when_idle = False
@@ -85,8 +93,8 @@ class DeviceLoop:
         self._finish_preparations()
         for outcome in self.steps.advance():
             self._publish(outcome)
+        self._capture_graphs()
         if not self.scheduler.has_work():
-            self._capture_one_when_idle()
             if self._freeze_when_idle:  # a full collection, off every request's path
                 self._freeze_when_idle = False
                 logger.info("after activations: %s", freeze_heap().describe())
@@ -122,10 +130,10 @@ class DeviceLoop:
     def settle(self) -> None:
         """Wait for every preparation under way and finish the activations waiting for them (for callers
         that drive the loop by hand: the offline runner, tests)."""
-        while self._staging:
-            for future in list(self._staging.values()):
+        while self._staging or self._pinning:
+            for future in [*self._staging.values(), *self._pinning.values()]:
                 future.exception()
-            while any(f.done() for f in self._staging.values()):
+            while any(f.done() for f in [*self._staging.values(), *self._pinning.values()]):
                 self._finish_preparations()
 
     def finish_running_step(self) -> None:
@@ -135,6 +143,7 @@ class DeviceLoop:
     def close(self) -> None:
         self.finish_running_step()
         self._staging_threads.shutdown(wait=True, cancel_futures=True)  # no thread may fill into a closed image
+        self._pin_thread.shutdown(wait=True, cancel_futures=True)
         for engine in self.engines.values():
             engine.close()
         if self.store is not None:
@@ -190,9 +199,20 @@ class DeviceLoop:
             self._failed.pop(name, None)
             self._staging[name] = self._staging_threads.submit(engine.prepare)
 
+    def _pin(self, engine: Engine) -> None:
+        name = engine.spec.name
+        if name not in self._pinning and not engine.image_pinned:
+            self._pinning[name] = self._pin_thread.submit(engine.pin_image)
+
     def _finish_preparations(self) -> None:
-        """Collect finished stagings; activate a model that was waiting for its preparation. One activation a
-        turn: the worker sends its reply before the next one starts, and steps run between them."""
+        """Collect finished stagings and pinnings; activate a model that was waiting for its preparation. One
+        activation a turn: the worker sends its reply before the next one starts, and steps run between them.
+        A model with no activation waiting has its image pinned next (after the activation, for one that had)."""
+        for name, future in list(self._pinning.items()):
+            if future.done():
+                del self._pinning[name]
+                if future.exception() is not None:
+                    logger.error("pinning the image of %s failed: %s", name, future.exception())
         for name, future in list(self._staging.items()):
             if not future.done():
                 continue
@@ -207,6 +227,8 @@ class DeviceLoop:
             elif name in self._activations and name in self.engines:
                 self._finish_activation(self.engines[name])
                 return
+            elif name in self.engines:
+                self._pin(self.engines[name])
 
     def _finish_activation(self, engine: Engine) -> None:
         spec = engine.spec
@@ -227,38 +249,59 @@ class DeviceLoop:
         times.total_s += waited
         self._failed.pop(spec.name, None)
         self.scheduler.add_model(model_queue(engine))
+        if not engine.graphs_captured:
+            self._eager_since[spec.name] = time.perf_counter()
+        self._pin(engine)
         logger.info(
-            "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f, graphs %.3f; %.1f MiB of weights)",
-            spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, times.graphs_s, engine.weight_bytes / 2**20,
+            "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f; %.1f MiB of weights, %.0f%% pinned%s)",
+            spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, engine.weight_bytes / 2**20,
+            100 * times.pinned_fraction, "" if engine.graphs_captured else "; eager until its graphs are captured",
         )
         self._send_state()
         self.outbox.append(self._activated(engine))
         self._freeze_when_idle = True  # its modules and graphs live as long as it does: out of full collections
 
-    def _capture_one_when_idle(self) -> None:
-        """Capture one prepared model's CUDA graphs, if the device is idle and the pool can lend the pages."""
-        if self._staging or self.device.type != "cuda":
+    def _capture_graphs(self) -> None:
+        """Capture one model's CUDA graphs when the device is idle (no step queued): an active model running
+        eager first, else a prepared one ahead of its activation, if the pool can lend the pages. Under
+        load, an active model that has run eager for GRAPHS_DUE_S has its graphs captured between two steps.
+        Never while a staging or pinning thread runs: a capture must be the only CUDA work in the process."""
+        if self._staging or self._pinning or self.device.type != "cuda":
             return
-        for name, engine in self.engines.items():
-            if engine.prepared and not engine.graphs_captured and not self.is_resident(name) and name not in self._activations:
-                started = time.perf_counter()
-                try:
-                    captured = engine.capture_graphs()
-                except Exception:
-                    self._failed[name] = "capturing its CUDA graphs failed (see the worker log)"
-                    logger.error("capturing the graphs of %s ahead failed:\n%s", name, traceback.format_exc())
-                    continue
-                if captured:
-                    logger.info("captured the CUDA graphs of %s ahead of its activation in %.3f s", name, time.perf_counter() - started)
-                    self._freeze_when_idle = True
-                    return
+        now = time.perf_counter()
+        if self.scheduler.has_work():
+            due = [name for name, since in self._eager_since.items() if now - since >= GRAPHS_DUE_S]
+            if not due:
+                return
+            self.finish_running_step()  # the capture must not overlap a step on another stream
+            candidates = due[:1]
+        else:
+            candidates = [*self._eager_since, *(
+                name for name, engine in self.engines.items()
+                if engine.prepared and not engine.graphs_captured and not self.is_resident(name) and name not in self._activations
+            )]
+        for name in candidates:
+            engine = self.engines[name]
+            started = time.perf_counter()
+            try:
+                captured = engine.capture_graphs()
+            except Exception:
+                self._eager_since.pop(name, None)
+                self._failed[name] = "capturing its CUDA graphs failed (see the worker log)"
+                logger.error("capturing the graphs of %s failed:\n%s", name, traceback.format_exc())
+                continue
+            if captured:
+                when = "after it ran eager" if self._eager_since.pop(name, None) is not None else "ahead of its activation"
+                logger.info("captured the CUDA graphs of %s %s in %.3f s", name, when, time.perf_counter() - started)
+                self._freeze_when_idle = True
+                return
 
     @staticmethod
     def _activated(engine: Engine) -> m.ModelActivated:
         t = engine.last_activation
         return m.ModelActivated(
             engine.spec.name, None, None, engine.weight_bytes, engine.kv.max_blocks,
-            t.stage_s, t.map_copy_s, t.build_s, t.graphs_s, t.total_s,
+            t.stage_s, t.map_copy_s, t.build_s, t.total_s, engine.graphs_captured,
         )
 
     def _on_evict(self, message: m.Evict) -> None:
@@ -277,6 +320,7 @@ class DeviceLoop:
         if not self.is_resident(name):
             return 0
         engine = self.engines[name]
+        self._eager_since.pop(name, None)
         orphans = self.scheduler.remove_model(name)
         for seq in orphans:
             engine.release(seq.req_id)
@@ -288,9 +332,9 @@ class DeviceLoop:
 
     def _forget(self, name: str) -> None:
         self._evict(name, "the model was removed")
-        staging = self._staging.pop(name, None)
-        if staging is not None:  # let its thread finish with the engine before the engine goes
-            staging.exception()
+        for running in (self._staging.pop(name, None), self._pinning.pop(name, None)):
+            if running is not None:  # let its thread finish with the engine before the engine goes
+                running.exception()
         if self._activations.pop(name, None) is not None:
             self.outbox.append(m.ModelActivated(name, "the model was removed", "failed"))
         self._failed.pop(name, None)
@@ -404,10 +448,14 @@ class DeviceLoop:
     def _preparation(self, name: str, engine: Engine) -> str:
         if name in self._failed:
             return f"failed: {self._failed[name]}"
-        if self.is_resident(name) or (engine.prepared and engine.graphs_captured):
+        if self.is_resident(name):
             return "prepared"
-        if engine.prepared:
+        if engine.prepared and name in self._pinning:
+            return "staged, pinning"  # its image: an activation now copies the unpinned part through bounce buffers
+        if engine.prepared and not engine.graphs_captured:
             return "staged, graphs pending"  # captured when the device is idle and the pool can lend the pages
+        if engine.prepared:
+            return "prepared"
         return "staging" if name in self._staging else "not prepared"
 
     def pool_stats(self) -> m.PoolStats:

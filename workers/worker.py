@@ -97,6 +97,7 @@ class Worker:
         if not isinstance(message, m.Configure):
             raise NoConfiguration(f"expected Configure from the controller, got {type(message).__name__}")
         config = message.config
+        os.environ.setdefault("TRITON_CACHE_DIR", config.compile_cache_dir)  # read at the first compile; an operator's wins
         pool = make_pool(self.device, config)
         pool.replenish_reserve()
         store = HostWeightStore(config.host_store_bytes, Path(config.host_store_dir), config.store_prefix)

@@ -19,4 +19,5 @@ def test_startup_reports_readiness_preparation_and_recovery_after_kill_9(tmp_pat
     assert 0 < result["serve_to_ready_s"] <= result["serve_to_all_prepared_s"]
     assert set(result["kill9_ttft_s"]) == set(result["resident_at_kill"]) == {"smollm2-135m-instruct", "tiny-llama-random"}
     assert 0 < result["kill9_to_all_served_s"] < 120 and result["kill9_to_all_served_s"] == max(result["kill9_ttft_s"].values())
+    assert 0 < result["kill9_to_worker_ready_s"] < result["kill9_to_all_served_s"]
     assert len(result["restore_activations"]) == 2  # both models were brought back by the restarted worker

@@ -30,6 +30,7 @@ def server(tmp_path_factory, prepared_smollm2):
     registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
     registry["models"][0]["max_num_batched_tokens"] = 128  # a long prompt is prefilled over many steps
     registry["server"]["worker_start_timeout_s"] = 120
+    registry["server"]["standby_workers"] = "always"  # as on a GPU: each kill is taken over by the spare
     path = tmp_path_factory.mktemp("faults") / "registry.yaml"
     path.write_text(yaml.safe_dump(registry))
     process = start_server(path, env={"PRISM_ADMIN_TOKEN": TOKEN})
@@ -63,6 +64,15 @@ def test_killed_while_idle(server):
     wait_restored(server, old)
     assert served(server, SMOL) and served(server, TINY)
     assert [e for e in admin(server, "GET", "/events").json()["events"] if e["kind"] == "worker_exited"]
+
+
+def test_a_killed_worker_is_replaced_by_its_standby(server):
+    standby = wait_until(lambda: server.health()["workers"]["cpu"]["standby_pid"], 120, 0.2, "a standby worker")
+    old = kill_worker(server)
+    wait_restored(server, old)
+    assert server.worker_pid() == standby
+    assert served(server, SMOL) and served(server, TINY)
+    wait_until(lambda: server.health()["workers"]["cpu"]["standby_pid"] not in (None, standby), 120, 0.2, "a new standby")
 
 
 def test_killed_mid_prefill(server):

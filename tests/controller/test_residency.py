@@ -128,7 +128,7 @@ def run(catalog, scenario) -> None:
         await server.build()
         peer = Peer(server.channel.address)
         configure = await peer.join()
-        assert configure.config == registry.worker_config(server.store_prefix)
+        assert configure.config == registry.worker_config(server.store_prefix, default_cache_dir())
         serving = asyncio.create_task(peer.serve())
         try:
             assert await server.workers["cpu"].wait_ready(10)

@@ -28,17 +28,18 @@ def test_the_worker_configuration_carries_the_registrys_options_through_the_chan
     config = registry(
         tmp_path, "{policy: prism, tpot_target: token, overlap_steps: false}",
         "{cpu_budget_bytes: 1GiB, gpu_memory_utilization: 0.5, gpu_reserved_bytes: 512MiB, host_store_dir: /tmp}",
-    ).worker_config("prism-weights-7-")
+    ).worker_config("prism-weights-7-", tmp_path / "cache")
     received = m.decode_to_worker(m.encode(m.Configure(config)))
     assert received == m.Configure(config)
     assert (config.local_policy, config.tpot_target, config.overlap_steps) == ("prism", "token", False)
     assert (config.cpu_budget_bytes, config.gpu_memory_utilization, config.gpu_reserved_bytes) == (2**30, 0.5, 2**29)
     assert (config.host_store_dir, config.store_prefix) == ("/tmp", "prism-weights-7-")
+    assert config.compile_cache_dir == str(tmp_path / "cache" / "triton")
     assert pool_budget_bytes(config, "cpu") == 2**30
 
 
 def test_baseline_workers_step_first_come_first_served_with_the_registrys_defaults(tmp_path):
-    config = registry(tmp_path, "{policy: static}").worker_config("p-")
+    config = registry(tmp_path, "{policy: static}").worker_config("p-", tmp_path)
     assert (config.local_policy, config.tpot_target, config.overlap_steps) == ("fcfs", "request", True)
     assert config.gpu_reserved_bytes == 2 * 2**30 and config.page_bytes == 2 * 2**20
 

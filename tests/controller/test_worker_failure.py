@@ -92,10 +92,16 @@ def test_a_killed_worker_fails_its_requests_at_once_and_comes_back(server):
 
 
 def test_shutdown_stops_the_workers_no_orphans(tmp_path_factory, prepared_smollm2):
-    server = start_server(default_registry_path())
+    registry = yaml.safe_load(default_registry_path().read_text())
+    registry["server"]["standby_workers"] = "always"
+    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
+    config = tmp_path_factory.mktemp("shutdown") / "registry.yaml"
+    config.write_text(yaml.safe_dump(registry))
+    server = start_server(config)
     worker_pid = server.worker_pid()
-    assert pid_alive(worker_pid)
+    standby_pid = wait_until(lambda: server.health()["workers"]["cpu"]["standby_pid"], 120, 0.2, "a standby worker")
+    assert pid_alive(worker_pid) and pid_alive(standby_pid)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status says how it ended.
     assert stop_server(server) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in server.log()
-    wait_until(lambda: not pid_alive(worker_pid), 10, what="the worker to exit with the controller")
+    wait_until(lambda: not pid_alive(worker_pid) and not pid_alive(standby_pid), 10, what="the worker and its standby to exit with the controller")

@@ -268,6 +268,23 @@ def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(shm_dir):
         store.drop_all(unlink=True)
 
 
+def test_a_weight_image_is_pinned_a_piece_at_a_time(shm_dir, monkeypatch):
+    from memory import host_store
+
+    monkeypatch.setattr(host_store, "PIN_PIECE_BYTES", 4 * MIB)
+    store = host_store.HostWeightStore(64 * MIB, root=shm_dir, prefix="prism-test-")
+    image = store.acquire("m", 10 * MIB, lambda t: t.fill_(3))  # built without a device: not pinned
+    try:
+        assert image.pinned_bytes == 0 and not store.is_pinned("m")
+        assert image.pin("cuda:0")
+        assert image.pinned_pieces == 3 and image.pinned_bytes == 10 * MIB and store.is_pinned("m")
+        assert all(image.tensor[i * 4 * MIB : (i + 1) * 4 * MIB].is_pinned() for i in range(3))
+        assert int(image.tensor[-MIB:].to("cuda:0").sum()) == 3 * MIB
+    finally:
+        store.release(image)
+        store.drop_all(unlink=True)
+
+
 def test_a_weight_image_the_driver_will_not_pin_stays_usable(tmp_path):
     """On a disk file system (the device machine's /tmp) cudaHostRegister of a file mapping is refused:
     the image is filled and read unpinned, and the refused call's error does not surface in later work."""

@@ -23,6 +23,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Where weight images live (a tmpfs: /dev/shm)."""
     store_prefix: str
     """File name prefix of this controller's weight images, so that they can be told apart and removed."""
+    compile_cache_dir: str
+    """Where compiled kernels (Triton's) are kept across worker restarts: under the server's cache directory."""
     local_policy: str
     """Step order across models: `prism` or `fcfs`."""
     tpot_target: str

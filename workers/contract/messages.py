@@ -156,8 +156,8 @@ class ModelActivated(msgspec.Struct, tag=True):
     stage_s: float = 0.0
     map_copy_s: float = 0.0
     build_s: float = 0.0
-    graphs_s: float = 0.0
     total_s: float = 0.0
+    graphs_captured: bool = True  # False: it runs eager until the worker captures its graphs between steps
 
 
 class ModelEvicted(msgspec.Struct, tag=True):
@@ -194,7 +194,7 @@ class ModelStats(msgspec.Struct):
     num_preemptions: int = 0
     step_device_s: float = 0.0
     prefill_tokens_per_s: float = 0.0  # the local scheduler's estimate (its prior until a prefill is measured)
-    # "prepared" (an activation is map + copy) | "staged, graphs pending" | "staging" | "not prepared" | "failed: why"
+    # "prepared" (an activation is map + copy) | "staged, pinning" | "staged, graphs pending" | "staging" | "not prepared" | "failed: why"
     preparation: str = "prepared"
     graphs_captured: bool = True  # its CUDA graphs exist (always true on the CPU)
 

@@ -28,6 +28,7 @@ from memory import CappedKV, KVSpace, MemoryKind, PagePool
 from memory.host_store import HostWeightStore, image_key
 from scheduler.local import ScheduledChunk, StepPlan
 from workers.engine.batch import build_batch
+from workers.engine import host_copy
 from workers.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from workers.engine.llama import LlamaModel
 from workers.engine.sampler import Sampler
@@ -37,7 +38,6 @@ from workers.weights.checkpoint import iter_dummy, iter_safetensors
 from workers.weights.layout import WeightLayout, fill
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-COPY_STREAMS = 4  # copies of chunk-sized pieces in flight at once: enough to keep PCIe busy
 # A step of decodes plus prefill chunks runs its decodes as a decode-graph replay and its chunks apart
 # (a prefill-graph replay, or eager when too large), from this many decodes on. Below it the whole step
 # goes through one prefill graph: its decode rows then take the prefill attention kernel, which reads a
@@ -66,7 +66,7 @@ class ActivationTimes:
     stage_s: float = 0.0  # waiting for the host image (built, or found and pinned) on the activation's path
     map_copy_s: float = 0.0  # pages mapped and weights copied in
     build_s: float = 0.0  # tensor views and model (when preparation has not built them)
-    graphs_s: float = 0.0  # CUDA graph capture (when preparation has not captured them)
+    pinned_fraction: float = 1.0  # of the image copied by DMA; the rest went through bounce buffers
     total_s: float = 0.0
 
 
@@ -159,9 +159,10 @@ class Engine:
         return self.graphs is not None or self.device.type != "cuda" or not self.spec.cuda_graphs
 
     def prepare(self) -> None:
-        """Build the module and stage the host image. Runs on a staging thread: it touches no page of the
-        pool (views over an unmapped range read nothing), and dummy weights are generated on a stream of
-        its own."""
+        """Build the module and stage the host image (an image built here is pinned as it is filled; one
+        found in the store, from another worker or this worker's previous life, is pinned later by
+        `pin_image`). Runs on a staging thread: it touches no page of the pool (views over an unmapped range
+        read nothing), and dummy weights are generated on a stream of its own."""
         if self.model is None:
             self._build()
         if self.store is None:
@@ -170,11 +171,26 @@ class Engine:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             image = self.store.acquire(self.image_key, self.weight_bytes, self._fill_image, pin_device=str(self.device))
             try:
-                image.pin(str(self.device))
                 if stream is not None:
                     stream.synchronize()
             finally:
                 self.store.release(image)
+
+    @property
+    def image_pinned(self) -> bool:
+        """Activations copy at line rate: the image is pinned whole (or there is nothing to pin)."""
+        return self.store is None or self.device.type != "cuda" or self.store.is_pinned(self.image_key)
+
+    def pin_image(self) -> None:
+        """Page-lock the staged image, a piece at a time (a background thread's work: an activation
+        meanwhile copies the pinned pieces by DMA and the rest through bounce buffers)."""
+        if self.image_pinned or not self.store.has(self.image_key):
+            return
+        image = self.store.acquire(self.image_key, self.weight_bytes, self._fill_image, pin_device=str(self.device))
+        try:
+            image.pin(str(self.device))
+        finally:
+            self.store.release(image)
 
     def _build(self) -> None:
         views = self.layout.views(self.pool.tensor(self.weights)[: self.weight_bytes])
@@ -182,11 +198,16 @@ class Engine:
         self.model = LlamaModel.from_views(self.arch, self.spec.hf_config, views, ops)
 
     def capture_graphs(self) -> bool:
-        """Capture the CUDA graphs before the first activation, over weight pages mapped for the capture
-        alone (their contents do not matter: the graphs record addresses, the warm-up's output is thrown
-        away) and unmapped after it. False, doing nothing, when the pool cannot lend the pages now."""
-        if self.graphs_captured or self.weights_mapped or self.model is None:
+        """Capture the CUDA graphs once. An active engine captures over its own weights, between steps
+        (it ran eager until then). Before the first activation they are captured over weight pages mapped
+        for the capture alone (their contents do not matter: the graphs record addresses, the warm-up's
+        output is thrown away) and unmapped after it. False, doing nothing, when the pool cannot lend the
+        pages now."""
+        if self.graphs_captured or self.model is None:
             return self.graphs_captured
+        if self.weights_mapped:
+            self._prepare_graphs()
+            return True
         if self.weights.num_pages + CAPTURE_KV_PAGES > self.pool.num_free_pages:
             return False
         if not self.pool.map_pages(self.weights, range(self.weights.num_pages)):
@@ -205,7 +226,8 @@ class Engine:
 
     def activate(self, kv_budget_bytes: int | None = None) -> ActivationTimes:
         """Map and fill the weights; raise NotEnoughMemory (nothing mapped) if the pool cannot back them.
-        `kv_budget_bytes`: a fixed cap on this model's KV (the static baseline's share); None: elastic."""
+        `kv_budget_bytes`: a fixed cap on this model's KV (the static baseline's share); None: elastic.
+        Captures nothing: an engine whose graphs were not captured ahead runs eager until `capture_graphs`."""
         assert not self.weights_mapped
         times = ActivationTimes()
         started = time.perf_counter()
@@ -220,25 +242,24 @@ class Engine:
             # Prepared: the image is in the store and this is a lookup; else it is staged here, on the path.
             image = self.store.acquire(self.image_key, self.weight_bytes, self._fill_image, pin_device=str(self.device))
             try:
-                image.pin(str(self.device))
                 times.stage_s = time.perf_counter() - started
+                times.pinned_fraction = image.pinned_bytes / self.weight_bytes if self.device.type == "cuda" else 1.0
                 mark = time.perf_counter()
-                self._map_and_copy(image.tensor)
+                self._map_and_copy(image.tensor, image.pinned_bytes)
                 times.map_copy_s = time.perf_counter() - mark
             finally:
                 self.store.release(image)
         else:
             mark = time.perf_counter()
-            self._map_and_copy(None)
+            self._map_and_copy(None, 0)
             times.map_copy_s = time.perf_counter() - mark
         try:
             mark = time.perf_counter()
             if self.model is None:
                 self._build()
             times.build_s = time.perf_counter() - mark
-            mark = time.perf_counter()
-            self._prepare_graphs()
-            times.graphs_s = time.perf_counter() - mark
+            if self.graphs is not None:
+                self._take_scratch()
         except BaseException:
             self._unmap_weights()
             raise
@@ -274,8 +295,9 @@ class Engine:
         # Dummy weights are generated on the device (fast) and copied down; files are read on the host.
         fill(self.layout, self.layout.views(image), self._checkpoint(str(self.device)))
 
-    def _map_and_copy(self, image: torch.Tensor | None) -> None:
-        """Map every weight page, then copy the image in on several streams (at PCIe line rate when pinned).
+    def _map_and_copy(self, image: torch.Tensor | None, pinned_bytes: int) -> None:
+        """Map every weight page, then copy the image in (its first `pinned_bytes` by DMA on several
+        streams, at PCIe line rate; the rest through bounce buffers: workers/engine/host_copy.py).
 
         The pool maps a weight range in runs of `chunk_pages` pages, one physical allocation each, so
         mapping a whole model costs one driver call per 64 MiB (18 ms for an 8B model on an H100),
@@ -288,34 +310,29 @@ class Engine:
             if image is None:  # no host image: place tensors one by one (the naive path)
                 fill(self.layout, self.layout.views(target), self._checkpoint(str(self.device)))
             elif self.device.type == "cuda":
-                self._copy_on_streams(image[: self.weight_bytes], target)
+                chunk = self.pool.chunk_pages * self.pool.page_bytes
+                host_copy.for_device(self.device).copy(image[: self.weight_bytes], pinned_bytes, target, chunk)
             else:
                 target.copy_(image[: self.weight_bytes])
         except BaseException:
             self._unmap_weights()
             raise
 
-    def _copy_on_streams(self, source: torch.Tensor, target: torch.Tensor) -> None:
-        chunk = self.pool.chunk_pages * self.pool.page_bytes
-        streams = [torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS)]
-        try:
-            for index, start in enumerate(range(0, target.numel(), chunk)):
-                with torch.cuda.stream(streams[index % len(streams)]):
-                    target[start : start + chunk].copy_(source[start : start + chunk], non_blocking=True)
-        finally:
-            for stream in streams:
-                stream.synchronize()
-
     def _unmap_weights(self) -> None:
         mapped = [i for i in range(self.weights.num_pages) if self.weights.is_mapped(i)]
         self.pool.unmap_pages(self.weights, mapped)
 
-    def _prepare_graphs(self) -> None:
-        if self.device.type != "cuda" or not self.spec.cuda_graphs:
-            return
+    def _take_scratch(self) -> None:
         self._scratch = self.kv.allocate(1)  # padded graph rows write here while the engine is active
         if self._scratch is None:
             raise NotEnoughMemory(f"{self.spec.name}: no KV block for the CUDA graphs' scratch space")
+        if self.graphs is not None:
+            self.graphs.scratch_block = self._scratch[0]
+
+    def _prepare_graphs(self) -> None:
+        if self.device.type != "cuda" or not self.spec.cuda_graphs:
+            return
+        self._take_scratch()
         if self.graphs is None:
             self._warm_up_prefill()
             max_blocks = -(-self.spec.max_model_len // self.block_size)
@@ -329,8 +346,6 @@ class Engine:
                 max_tokens=self.spec.max_num_batched_tokens, max_blocks_per_seq=max_blocks,
             )
             self.prefill_graphs.capture()
-        else:
-            self.graphs.scratch_block = self._scratch[0]
 
     @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
