@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--no-kill", action="store_true", help="measure start-up only")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "startup.json")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: still stop the server and keep its log
 
     result = {"benchmark": "startup", "command": " ".join(["python", *sys.argv]),
               "date": datetime.now().astimezone().isoformat(timespec="seconds"), "config": args.config.name}
