@@ -37,7 +37,7 @@ class HostImage:
     tensor: torch.Tensor  # uint8 view over the shared mapping
     _mapping: mmap.mmap = field(repr=False)
     pinned_on: str | None = None  # the device whose context pinned its pieces
-    pinned_pieces: int = 0  # pieces of PIN_PIECE_BYTES page-locked, from the start
+    pinned_pieces: list[int] = field(default_factory=list)  # sizes of the page-locked pieces, in order from the start
     pin_refused: bool = False  # the driver would not page-lock this mapping: copies run from pageable memory
     users: int = 0
     _pin_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -45,19 +45,21 @@ class HostImage:
     @property
     def pinned_bytes(self) -> int:
         """How many bytes from the start are page-locked (copies of them run at line rate)."""
-        return min(self.pinned_pieces * PIN_PIECE_BYTES, self.num_bytes)
+        return sum(self.pinned_pieces)
 
     @property
     def pinned(self) -> bool:
         return self.pinned_bytes == self.num_bytes
 
-    def pin(self, device: str) -> bool:
+    def pin(self, device: str, whole: bool = False) -> bool:
         """Page-lock the mapping for DMA (cuMemHostRegister) so copies to `device` run at line rate.
 
-        A piece at a time, in order: a copy that starts meanwhile takes the pinned pieces at line rate and
-        the rest through bounce buffers (workers/engine/host_copy.py), and no one driver call holds the
-        driver long (1 GiB in about 0.1 s on the lent H100; a whole 16 GB image took 1.8 s in a worker
-        restarted over it). Shared memory (/dev/shm) can be pinned; a file on a disk file system may be
+        A piece of PIN_PIECE_BYTES at a time, in order: a copy that starts meanwhile takes the pinned pieces
+        at line rate and the rest through bounce buffers (workers/engine/host_copy.py), and no one driver
+        call holds the driver long (1 GiB in about 0.1 s on the lent H100; a whole 16 GB image took 1.8 s
+        in a worker restarted over it). A DMA copy must not span two pieces (the driver refuses it):
+        `whole` pins the image in one piece, for an image about to be filled from the device by copies of
+        any size and place. Shared memory (/dev/shm) can be pinned; a file on a disk file system may be
         refused (Linux does not page-lock file-backed mappings for long): then the image stays usable,
         unpinned, and this says so once. Through the driver API, so that a refusal leaves no error behind
         for torch's next launch check (the runtime's cudaHostRegister does). Returns whether the image is
@@ -75,9 +77,10 @@ class HostImage:
             try:
                 while not self.pinned:
                     start = self.pinned_bytes
-                    backend.pin_host(self.tensor[start : start + PIN_PIECE_BYTES])
+                    piece = self.tensor[start:] if whole else self.tensor[start : start + PIN_PIECE_BYTES]
+                    backend.pin_host(piece)
                     self.pinned_on = self.pinned_on or device
-                    self.pinned_pieces += 1
+                    self.pinned_pieces.append(piece.numel())
             except BackendError as error:
                 self.pin_refused = True
                 logger.warning("could not pin the weight image %s (%d bytes; %s): copies from its unpinned part go "
@@ -94,11 +97,13 @@ class HostImage:
 
                 backend = CudaBackend(self.pinned_on)
                 try:
-                    for piece in range(self.pinned_pieces):
-                        backend.unpin_host(self.tensor[piece * PIN_PIECE_BYTES : (piece + 1) * PIN_PIECE_BYTES])
+                    start = 0
+                    for size in self.pinned_pieces:
+                        backend.unpin_host(self.tensor[start : start + size])
+                        start += size
                 finally:
                     backend.close()
-                self.pinned_pieces = 0
+                self.pinned_pieces = []
                 self.pinned_on = None
         del self.tensor
         self._mapping.close()
@@ -201,10 +206,14 @@ class HostWeightStore:
             if not done.exists() or path.stat().st_size != num_bytes:
                 done.unlink(missing_ok=True)
                 image = self._map(key, path, num_bytes, create=True)
-                if pin_device is not None:
-                    image.pin(pin_device)
-                fill(image.tensor)
-                image._mapping.flush()
+                try:
+                    if pin_device is not None:
+                        image.pin(pin_device, whole=True)  # the fill's copies go anywhere in it
+                    fill(image.tensor)
+                    image._mapping.flush()
+                except BaseException:
+                    image.close()  # unpinned and unmapped: the next try starts afresh
+                    raise
                 done.touch()
                 return image
         return self._map(key, path, num_bytes, create=False)

@@ -260,7 +260,7 @@ def test_a_weight_image_built_for_a_gpu_is_pinned_before_its_fill(shm_dir):
 
     image = store.acquire("m", 8 * MIB, fill, pin_device="cuda:0")
     try:
-        assert seen == {"pinned": True} and image.pinned_on == "cuda:0"
+        assert seen == {"pinned": True} and image.pinned_on == "cuda:0" and image.pinned_pieces == [8 * MIB]  # one piece: fills copy anywhere
         assert int(image.tensor[-1]) == 7
         assert image.pin("cuda:0")  # the engine's own pin after acquire: a no-op now
     finally:
@@ -277,7 +277,7 @@ def test_a_weight_image_is_pinned_a_piece_at_a_time(shm_dir, monkeypatch):
     try:
         assert image.pinned_bytes == 0 and not store.is_pinned("m")
         assert image.pin("cuda:0")
-        assert image.pinned_pieces == 3 and image.pinned_bytes == 10 * MIB and store.is_pinned("m")
+        assert image.pinned_pieces == [4 * MIB, 4 * MIB, 2 * MIB] and image.pinned_bytes == 10 * MIB and store.is_pinned("m")
         assert all(image.tensor[i * 4 * MIB : (i + 1) * 4 * MIB].is_pinned() for i in range(3))
         assert int(image.tensor[-MIB:].to("cuda:0").sum()) == 3 * MIB
     finally:

@@ -245,13 +245,13 @@ class Engine:
                 times.stage_s = time.perf_counter() - started
                 times.pinned_fraction = image.pinned_bytes / self.weight_bytes if self.device.type == "cuda" else 1.0
                 mark = time.perf_counter()
-                self._map_and_copy(image.tensor, image.pinned_bytes)
+                self._map_and_copy(image.tensor, list(image.pinned_pieces))
                 times.map_copy_s = time.perf_counter() - mark
             finally:
                 self.store.release(image)
         else:
             mark = time.perf_counter()
-            self._map_and_copy(None, 0)
+            self._map_and_copy(None, [])
             times.map_copy_s = time.perf_counter() - mark
         try:
             mark = time.perf_counter()
@@ -295,9 +295,9 @@ class Engine:
         # Dummy weights are generated on the device (fast) and copied down; files are read on the host.
         fill(self.layout, self.layout.views(image), self._checkpoint(str(self.device)))
 
-    def _map_and_copy(self, image: torch.Tensor | None, pinned_bytes: int) -> None:
-        """Map every weight page, then copy the image in (its first `pinned_bytes` by DMA on several
-        streams, at PCIe line rate; the rest through bounce buffers: workers/engine/host_copy.py).
+    def _map_and_copy(self, image: torch.Tensor | None, pinned_pieces: list[int]) -> None:
+        """Map every weight page, then copy the image in (its pinned pieces by DMA on several streams, at
+        PCIe line rate; the rest through bounce buffers: workers/engine/host_copy.py).
 
         The pool maps a weight range in runs of `chunk_pages` pages, one physical allocation each, so
         mapping a whole model costs one driver call per 64 MiB (18 ms for an 8B model on an H100),
@@ -311,7 +311,7 @@ class Engine:
                 fill(self.layout, self.layout.views(target), self._checkpoint(str(self.device)))
             elif self.device.type == "cuda":
                 chunk = self.pool.chunk_pages * self.pool.page_bytes
-                host_copy.for_device(self.device).copy(image[: self.weight_bytes], pinned_bytes, target, chunk)
+                host_copy.for_device(self.device).copy(image[: self.weight_bytes], pinned_pieces, target, chunk)
             else:
                 target.copy_(image[: self.weight_bytes])
         except BaseException:

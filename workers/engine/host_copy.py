@@ -43,19 +43,24 @@ class HostToDevice:
         self._slots: queue.Queue[_Slot] | None = None
         self._threads: ThreadPoolExecutor | None = None
 
-    def copy(self, source: torch.Tensor, pinned_bytes: int, target: torch.Tensor, chunk_bytes: int) -> None:
-        """Copy `source` (uint8 on the host, its first `pinned_bytes` page-locked) into `target` (uint8 on
-        this device, as long); returns when the copy is on the device. The pinned part goes in `chunk_bytes`
-        pieces, none crossing `pinned_bytes`; the rest through the bounce buffers."""
+    def copy(self, source: torch.Tensor, pinned_pieces: list[int], target: torch.Tensor, chunk_bytes: int) -> None:
+        """Copy `source` (uint8 on the host) into `target` (uint8 on this device, as long); returns when the
+        copy is on the device. `pinned_pieces`: the sizes of the page-locked pieces of `source`, in order
+        from its start (HostImage.pinned_pieces): each goes by DMA in `chunk_bytes` copies, none spanning two
+        pieces (the driver refuses such a copy); the rest through the bounce buffers."""
         assert source.numel() == target.numel()
-        pinned_bytes = min(pinned_bytes, source.numel())
         streams = self._direct_streams()
-        for index, start in enumerate(range(0, pinned_bytes, chunk_bytes)):
-            end = min(start + chunk_bytes, pinned_bytes)
-            with torch.cuda.stream(streams[index % len(streams)]):
-                target[start:end].copy_(source[start:end], non_blocking=True)
-        if pinned_bytes < source.numel():
-            self._bounce(source, target, pinned_bytes)
+        index, start = 0, 0
+        for size in pinned_pieces:
+            end_of_piece = min(start + size, source.numel())
+            for begin in range(start, end_of_piece, chunk_bytes):
+                end = min(begin + chunk_bytes, end_of_piece)
+                with torch.cuda.stream(streams[index % len(streams)]):
+                    target[begin:end].copy_(source[begin:end], non_blocking=True)
+                index += 1
+            start = end_of_piece
+        if start < source.numel():
+            self._bounce(source, target, start)
         for stream in streams:
             stream.synchronize()
 
