@@ -47,12 +47,14 @@ logger = logging.getLogger("prism.worker")
 
 STAGING_THREADS = 2  # host images filled at once: enough to overlap disk or device work with a copy
 GRAPHS_DUE_S = 5.0  # an active model runs eager at most this long under load before its graphs are captured
+IDLE_BEFORE_CAPTURE_S = 0.5  # a capture (0.5-1.2 s, the loop stopped) waits for this much idleness: not for a
+# request that arrives just after an activation's reply (a restore's captures held first tokens back 1-3 s)
 
 
 class DeviceLoop:
     def __init__(self, worker_id: str, device: str, pool: PagePool, store: HostWeightStore | None, *,
                  local_policy: str, tpot_target: str, overlap_steps: bool,
-                 gc_stats: Callable[[], m.GcStats] | None = None):
+                 gc_stats: Callable[[], m.GcStats] | None = None, idle_before_capture_s: float = IDLE_BEFORE_CAPTURE_S):
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.pool = pool
@@ -68,6 +70,8 @@ class DeviceLoop:
         self._pin_thread = ThreadPoolExecutor(1, thread_name_prefix="pinning")
         self._pinning: dict[str, Future] = {}  # model -> its image being pinned
         self._eager_since: dict[str, float] = {}  # active models without graphs yet: since when
+        self._idle_since: float | None = None  # no step queued and no activation waiting since then
+        self.idle_before_capture_s = idle_before_capture_s
         self._failed: dict[str, str] = {}  # model -> why its last preparation failed
         self._activations: dict[str, tuple[float, int | None]] = {}  # waiting for their preparation: asked at, KV cap
         self._freeze_when_idle = False
@@ -235,7 +239,7 @@ class DeviceLoop:
         asked, kv_budget_bytes = self._activations.pop(spec.name)
         waited = time.perf_counter() - asked
         try:
-            times = engine.activate(kv_budget_bytes)
+            times = engine.activate(kv_budget_bytes, capture_graphs=False)  # captured between steps: _capture_graphs
         except NotEnoughMemory as exc:
             self._send_state()
             self.outbox.append(m.ModelActivated(spec.name, str(exc), "no_memory", weight_bytes=engine.weight_bytes))
@@ -261,20 +265,32 @@ class DeviceLoop:
         self.outbox.append(self._activated(engine))
         self._freeze_when_idle = True  # its modules and graphs live as long as it does: out of full collections
 
+    def capture_graphs_now(self, name: str) -> None:
+        """Capture an active model's graphs at once (for callers that drive the loop by hand: the offline
+        runner, whose steps should be the replayed ones)."""
+        self.finish_running_step()
+        self.engines[name].capture_graphs()
+        self._eager_since.pop(name, None)
+
     def _capture_graphs(self) -> None:
-        """Capture one model's CUDA graphs when the device is idle (no step queued): an active model running
-        eager first, else a prepared one ahead of its activation, if the pool can lend the pages. Under
-        load, an active model that has run eager for GRAPHS_DUE_S has its graphs captured between two steps.
+        """Capture one model's CUDA graphs when the device has been idle (no step queued, no activation
+        waiting) for IDLE_BEFORE_CAPTURE_S: an active model running eager first, else a prepared one ahead of
+        its activation, if the pool can lend the pages. Under load, an active model that has run eager for
+        GRAPHS_DUE_S has its graphs captured between two steps.
         Never while a staging or pinning thread runs: a capture must be the only CUDA work in the process."""
         if self._staging or self._pinning or self.device.type != "cuda":
             return
         now = time.perf_counter()
-        if self.scheduler.has_work():
+        busy = self.scheduler.has_work() or bool(self._activations)
+        self._idle_since = None if busy else (self._idle_since or now)
+        if busy:
             due = [name for name, since in self._eager_since.items() if now - since >= GRAPHS_DUE_S]
             if not due:
                 return
             self.finish_running_step()  # the capture must not overlap a step on another stream
             candidates = due[:1]
+        elif now - self._idle_since < self.idle_before_capture_s:
+            return
         else:
             candidates = [*self._eager_since, *(
                 name for name, engine in self.engines.items()

@@ -36,6 +36,7 @@ class OfflineRunner:
         if reply.error is not None:
             self.loop.close()
             raise GenerationFailed(f"activating {spec.name} failed ({reply.error_kind}): {reply.error}")
+        self.loop.capture_graphs_now(spec.name)  # the worker captures when idle; offline steps replay from the first
         self._ids = itertools.count()
         self.num_steps = 0
         self.last_sequences: list[Sequence] = []

@@ -158,7 +158,7 @@ def test_gpu_graphs_captured_ahead_give_the_eager_tokens_and_a_reactivation_capt
     try:
         for graphs in (False, True):
             loop = DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                              tpot_target="request", overlap_steps=True)
+                              tpot_target="request", overlap_steps=True, idle_before_capture_s=0.0)
             spec = gpu_spec(graphs)
             loop.handle(m.Prepare(spec))
             loop.settle()
@@ -204,7 +204,7 @@ def test_gpu_a_restarted_worker_serves_from_surviving_images_before_pinning_or_c
     def new_loop() -> DeviceLoop:  # a fresh store over the same files: what a restarted worker opens
         store = HostWeightStore(8 * 2**30, Path("/dev/shm"), prefix)
         return DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                          tpot_target="request", overlap_steps=True)
+                          tpot_target="request", overlap_steps=True, idle_before_capture_s=0.0)
 
     loop = new_loop()
     try:

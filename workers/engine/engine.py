@@ -66,6 +66,7 @@ class ActivationTimes:
     stage_s: float = 0.0  # waiting for the host image (built, or found and pinned) on the activation's path
     map_copy_s: float = 0.0  # pages mapped and weights copied in
     build_s: float = 0.0  # tensor views and model (when preparation has not built them)
+    graphs_s: float = 0.0  # CUDA graphs captured in line (`capture_graphs=True` and none captured ahead)
     pinned_fraction: float = 1.0  # of the image copied by DMA; the rest went through bounce buffers
     total_s: float = 0.0
 
@@ -224,10 +225,11 @@ class Engine:
 
     # --- activation -------------------------------------------------------------------------------
 
-    def activate(self, kv_budget_bytes: int | None = None) -> ActivationTimes:
+    def activate(self, kv_budget_bytes: int | None = None, capture_graphs: bool = True) -> ActivationTimes:
         """Map and fill the weights; raise NotEnoughMemory (nothing mapped) if the pool cannot back them.
         `kv_budget_bytes`: a fixed cap on this model's KV (the static baseline's share); None: elastic.
-        Captures nothing: an engine whose graphs were not captured ahead runs eager until `capture_graphs`."""
+        `capture_graphs=False` (the device loop): graphs not captured ahead are not captured here either;
+        the engine runs eager until `capture_graphs()`."""
         assert not self.weights_mapped
         times = ActivationTimes()
         started = time.perf_counter()
@@ -258,8 +260,10 @@ class Engine:
             if self.model is None:
                 self._build()
             times.build_s = time.perf_counter() - mark
-            if self.graphs is not None:
-                self._take_scratch()
+            mark = time.perf_counter()
+            if capture_graphs or self.graphs is not None:
+                self._prepare_graphs()  # with graphs captured ahead: only their scratch block
+            times.graphs_s = time.perf_counter() - mark
         except BaseException:
             self._unmap_weights()
             raise
