@@ -278,11 +278,11 @@ class DeviceLoop:
         its activation, if the pool can lend the pages. Under load, an active model that has run eager for
         GRAPHS_DUE_S has its graphs captured between two steps.
         Never while a staging or pinning thread runs: a capture must be the only CUDA work in the process."""
-        if self._staging or self._pinning or self.device.type != "cuda":
-            return
         now = time.perf_counter()
         busy = self.scheduler.has_work() or bool(self._activations)
         self._idle_since = None if busy else (self._idle_since or now)
+        if self._staging or self._pinning or self.device.type != "cuda":
+            return
         if busy:
             due = [name for name, since in self._eager_since.items() if now - since >= GRAPHS_DUE_S]
             if not due:
