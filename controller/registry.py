@@ -68,7 +68,7 @@ class ServerConfig(_Strict):
     """How long a request waits for a (re)starting worker or a loading model before 503."""
     standby_workers: Literal["auto", "always", "never"] = "auto"
     """Keep a spare worker process per device, its imports done (3-4 s), that takes over when the worker
-    dies; each spare holds about 0.5 GB of host memory and no device memory. "auto": on GPU devices."""
+    dies; a waiting spare holds no device memory and about 0.35 GB of host memory. "auto": on GPU devices."""
 
     def wants_standby(self, device: str) -> bool:
         return self.standby_workers == "always" or (self.standby_workers == "auto" and device.startswith("cuda"))

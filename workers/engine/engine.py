@@ -5,10 +5,11 @@ Creation reserves address space only (weights range, KV range). Preparation (`pr
 loop's thread) builds the model's tensor views over the still unmapped weight range and stages its
 host image (filled once per host, pinned); on a GPU, `capture_graphs` then captures its CUDA graphs once,
 over pages mapped for the capture alone, while the device is idle. Activation maps the weight pages (in
-64 MiB physical chunks: one driver call each) and copies the host image into them on several streams;
-whatever preparation has not done yet it does first. Deactivation unmaps every page (the memory serves
-other models at once) but keeps the address ranges, the views and the graphs, so the next activation is
-map + copy and nothing else (Prism's engine pool).
+64 MiB physical chunks: one driver call each) and copies the host image into them (its pinned pieces by
+DMA on several streams, the rest through bounce buffers: host_copy.py); whatever preparation has not done
+yet it does first, except the graphs when the device loop asks (it captures them between steps).
+Deactivation unmaps every page (the memory serves other models at once) but keeps the address ranges,
+the views and the graphs, so the next activation is map + copy and nothing else (Prism's engine pool).
 
 The engine does not decide what runs: the worker's local scheduler hands it a StepPlan with KV blocks
 already allocated; `execute(plan)` runs that step and returns the sampled tokens.
