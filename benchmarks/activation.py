@@ -150,7 +150,7 @@ def main() -> None:
                 copies.append(times.map_copy_s)
                 ttfts.append(ttft)
                 engine.deactivate()
-            image = store.acquire(engine._image_key(), engine.weight_bytes, engine._fill_image)
+            image = store.acquire(engine.image_key, engine.weight_bytes, engine._fill_image)
             map_only, copy_only = map_and_copy_apart(engine, pool, image.tensor)
             store.release(image)
             engine.activate()
