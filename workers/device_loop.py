@@ -27,6 +27,7 @@ keeps serving.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,7 +67,9 @@ class DeviceLoop:
         self.stopping = False
         self.outbox: list[m.FromWorker] = []
         self._staging_threads = ThreadPoolExecutor(STAGING_THREADS, thread_name_prefix="staging")
-        self._staging: dict[str, Future] = {}  # model -> its preparation on a staging thread
+        self._staging: dict[str, Future] = {}  # model -> its preparation, queued or on a staging thread
+        self._stage_queue: list[str] = []  # models waiting for a staging thread, in order of asking
+        self._stage_lock = threading.Lock()
         self._pin_thread = ThreadPoolExecutor(1, thread_name_prefix="pinning")
         self._pinning: dict[str, Future] = {}  # model -> its image being pinned
         self._eager_since: dict[str, float] = {}  # active models without graphs yet: since when
@@ -201,7 +204,29 @@ class DeviceLoop:
         name = engine.spec.name
         if name not in self._staging and not engine.prepared:
             self._failed.pop(name, None)
-            self._staging[name] = self._staging_threads.submit(engine.prepare)
+            self._staging[name] = Future()
+            with self._stage_lock:
+                self._stage_queue.append(name)
+            self._staging_threads.submit(self._stage_next)
+
+    def _stage_next(self) -> None:
+        """On a staging thread: prepare the next queued model, one that an activation waits for first (a
+        restarted worker's restore activations went behind every Prepare sent to it before them)."""
+        with self._stage_lock:
+            if not self._stage_queue:
+                return  # forgotten while queued
+            waited_for = [name for name in self._stage_queue if name in self._activations]
+            name = (waited_for or self._stage_queue)[0]
+            self._stage_queue.remove(name)
+            future, engine = self._staging.get(name), self.engines.get(name)
+        if future is None or engine is None or not future.set_running_or_notify_cancel():
+            return
+        try:
+            engine.prepare()
+        except BaseException as exc:  # reported by _finish_preparations, on the loop's thread
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
 
     def _pin(self, engine: Engine) -> None:
         name = engine.spec.name
@@ -348,8 +373,11 @@ class DeviceLoop:
 
     def _forget(self, name: str) -> None:
         self._evict(name, "the model was removed")
+        with self._stage_lock:
+            if name in self._stage_queue:
+                self._stage_queue.remove(name)
         for running in (self._staging.pop(name, None), self._pinning.pop(name, None)):
-            if running is not None:  # let its thread finish with the engine before the engine goes
+            if running is not None and not running.cancel():  # let its thread finish with the engine before the engine goes
                 running.exception()
         if self._activations.pop(name, None) is not None:
             self.outbox.append(m.ModelActivated(name, "the model was removed", "failed"))

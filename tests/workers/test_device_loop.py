@@ -90,6 +90,31 @@ def test_a_model_waiting_for_its_preparation_does_not_stop_a_resident_one(loop, 
     assert activated.stage_s > 0  # its wait for the preparation counts in its activation
 
 
+def test_a_model_an_activation_waits_for_is_staged_before_models_asked_earlier(loop, tmp_path):
+    """Regression: a restarted worker is sent a Prepare for every model, then its restore activations; the
+    staging threads took them in order of arrival, so the last restored model waited for every preparation."""
+    models = {name: spec(name, seed) for seed, name in enumerate(["a", "b", "c", "d", "urgent"], start=1)}
+    locks = {}
+    try:
+        for name in ["a", "b", "c", "d"]:  # another process on the host builds these images
+            image = tmp_path / f"prism-test-{loop._engine_for(models[name]).image_key}"
+            locks[name] = open(image.with_name(image.name + ".lock"), "w")
+            fcntl.flock(locks[name], fcntl.LOCK_EX)
+        for name in ["a", "b", "c", "d", "urgent"]:  # a and b take both staging threads and block there
+            loop.handle(m.Prepare(models[name]))
+        loop.handle(m.Activate(models["urgent"]))
+        fcntl.flock(locks["a"], fcntl.LOCK_UN)  # one thread free: it takes the urgent model, not c
+        loop._staging["urgent"].result(timeout=60)  # with c taken first, this would time out (c stays locked)
+        assert loop.engines["urgent"].prepared and not loop.engines["c"].prepared and not loop.engines["d"].prepared
+    finally:
+        for lock in locks.values():
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+    loop.settle()
+    assert [r.name for r in replies(loop, m.ModelActivated) if r.error is None] == ["urgent"]
+    assert all(engine.prepared for engine in loop.engines.values())
+
+
 def test_an_activation_withdrawn_while_its_model_prepares_is_cancelled_and_the_model_still_prepared(loop, tmp_path):
     cold = spec("cold", 2)
     image = tmp_path / f"prism-test-{loop._engine_for(cold).image_key}"
