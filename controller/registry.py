@@ -230,7 +230,9 @@ class ModelConfig(_Strict):
 class Registry(_Strict):
     server: ServerConfig = ServerConfig()
     devices: list[str] | Literal["auto"] = ["cpu"]
-    """Devices to run a worker on: `cpu`, `cuda:N`, or `auto` (every visible GPU, else cpu)."""
+    """Devices to run a worker on: `cpu`, `cuda:N`, or `auto` (every visible GPU, else cpu). Several
+    `cpu:N` run that many CPU workers, each with a pool of `memory.cpu_budget_bytes` (placement across
+    devices on a machine without GPUs)."""
     scheduler: SchedulerConfig = SchedulerConfig()
     memory: MemoryConfig = MemoryConfig()
     models: list[ModelConfig] = Field(min_length=1)
@@ -243,10 +245,12 @@ class Registry(_Strict):
         if not devices:
             raise ValueError("needs at least one device")
         for device in devices:
-            if not re.fullmatch(r"cpu|cuda:\d+", device):
-                raise ValueError(f"unknown device {device!r} (use 'cpu' or 'cuda:N')")
+            if not re.fullmatch(r"cpu(:\d+)?|cuda:\d+", device):
+                raise ValueError(f"unknown device {device!r} (use 'cpu', 'cpu:N' or 'cuda:N')")
         if len(set(devices)) != len(devices):
             raise ValueError("lists a device twice")
+        if "cpu" in devices and any(d.startswith("cpu:") for d in devices):
+            raise ValueError("lists 'cpu' beside 'cpu:N': name every CPU worker 'cpu:N'")
         return devices
 
     @model_validator(mode="after")

@@ -282,9 +282,10 @@ class DeviceLoop:
             self._eager_since[spec.name] = time.perf_counter()
         self._pin(engine)
         logger.info(
-            "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f; %.1f MiB of weights, %.0f%% pinned%s)",
+            "activated %s in %.3f s (stage %.3f, map+copy %.3f, build %.3f; %.1f MiB of weights%s%s)",
             spec.name, times.total_s, times.stage_s, times.map_copy_s, times.build_s, engine.weight_bytes / 2**20,
-            100 * times.pinned_fraction, "" if engine.graphs_captured else "; eager until its graphs are captured",
+            f", {100 * times.pinned_fraction:.0f}% of its image pinned" if self.device.type == "cuda" else "",
+            "" if engine.graphs_captured else "; eager until its graphs are captured",
         )
         self._send_state()
         self.outbox.append(self._activated(engine))

@@ -46,7 +46,7 @@ def _import_ahead() -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="prism worker", description=__doc__)
     parser.add_argument("--controller", required=True, help="controller channel address, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu, cpu:N or cuda:N")
     parser.add_argument("--worker-id", default=None, help="unique id (default: the device name)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--log-level", default="INFO")

@@ -36,14 +36,14 @@ class NoConfiguration(RuntimeError):
 def pool_budget_bytes(config: WorkerConfig, device: str) -> int:
     """The page pool's budget: a CPU worker's from the registry; on a GPU, `gpu_memory_utilization` of the
     card, less what other processes already use, less what stays outside the pool (`gpu_reserved_bytes`)."""
-    if device == "cpu":
+    if device.startswith("cpu"):
         return config.cpu_budget_bytes
     free, total = torch.cuda.mem_get_info()
     return int(config.gpu_memory_utilization * total) - (total - free) - config.gpu_reserved_bytes
 
 
 def make_pool(device: str, config: WorkerConfig) -> PagePool:
-    if device == "cpu":
+    if device.startswith("cpu"):
         from memory.host_backend import HostBackend
 
         return PagePool(HostBackend(config.page_bytes), pool_budget_bytes(config, device))

@@ -109,6 +109,17 @@ def test_duplicate_names_and_unknown_devices(tmp_path):
     """)
 
 
+def test_several_cpu_devices_are_named_cpu_n_and_plain_cpu_cannot_join_them(tmp_path):
+    assert "lists 'cpu' beside 'cpu:N'" in problems(tmp_path, """
+        devices: [cpu, cpu:1]
+        models: [{name: a, path: .}]
+    """)
+    assert "lists a device twice" in problems(tmp_path, """
+        devices: [cpu:0, cpu:0]
+        models: [{name: a, path: .}]
+    """)
+
+
 def test_not_yaml_and_not_a_mapping(tmp_path):
     assert "not valid YAML" in problems(tmp_path, "models: [a, b\n")
     assert "top level must be a mapping" in problems(tmp_path, "- just a list\n")

@@ -89,7 +89,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
     """A registry dtype on a device: `auto` is float32 on the CPU and bfloat16 on GPUs."""
     if dtype != "auto":
         return dtype
-    return "float32" if device == "cpu" else "bfloat16"
+    return "float32" if device.startswith("cpu") else "bfloat16"
 
 
 @dataclass(frozen=True)
