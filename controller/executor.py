@@ -77,6 +77,7 @@ class ActionExecutor:
                 task = asyncio.create_task(self._activate(runtime, evictions.get(action.device, []), reason))
             elif isinstance(action, Migrate) and runtime.state is ModelState.ACTIVE:
                 runtime.set_state(ModelState.EVICTING)
+                runtime.migrating_to = action.dst  # booked there from now on (the scheduler's state)
                 task = asyncio.create_task(self._migrate(runtime, action))
             else:
                 continue  # the state moved on since the decision: it is decided again with the next one
@@ -170,7 +171,10 @@ class ActionExecutor:
         return {"model": runtime.name, "state": "inactive", "evict_s": elapsed, "failed_requests": failed}
 
     async def _migrate(self, runtime: ModelRuntime, action: Migrate) -> dict:
-        evicted = await self._evict(runtime, f"migration to {action.dst}")
+        try:
+            evicted = await self._evict(runtime, f"migration to {action.dst}")
+        finally:
+            runtime.migrating_to = None  # from here it is ACTIVATING on the destination, or not migrating
         if runtime.state is ModelState.INACTIVE and action.dst in self.workers:
             await asyncio.gather(*self.begin([Activate(action.model, action.dst, runtime.kv_budget_bytes)], f"migration from {action.src}"))
         return evicted

@@ -360,4 +360,5 @@ class ModelManager:
             kv_bytes_in_use=stats.kv_pages_mapped * self.registry.memory.page_bytes if stats else 0,
             preferred_device=runtime.entry.config.device,
             activated_s=runtime.activated_s,
+            migrating_to=runtime.migrating_to,
         )

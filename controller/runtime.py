@@ -36,6 +36,7 @@ class ModelRuntime:
     last_activation: dict = field(default_factory=dict)
     task: asyncio.Task | None = None  # the action in progress on it (activation, eviction, migration)
     activation_reason: str = ""  # who asked for its last activation ("request", "scheduler", "admin", ...)
+    migrating_to: str | None = None  # the destination of a migration while it drains from its source
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -46,6 +46,7 @@ class ModelInfo:
     kv_bytes_in_use: int = 0  # KV mapped for it now (worker heartbeat)
     preferred_device: str | None = None  # the registry's `device:`: chosen when it fits without evicting
     activated_s: float | None = None  # when it last became active: a fresh activation is not idle yet
+    migrating_to: str | None = None  # a migration in flight: booked on this device too until it is there
 
     @property
     def demand(self) -> float:
@@ -107,7 +108,8 @@ class Evict:
 class Migrate:
     """Move `model` from `src` to `dst`. The controller carries it out as an eviction from `src` (its
     requests drain for up to `evict_drain_timeout_s`; the rest fail with 503), then an activation on
-    `dst` from the host image; requests that arrive meanwhile wait for the activation."""
+    `dst` from the host image; requests that arrive meanwhile wait for the activation. Until it is active
+    on `dst` the state shows it as `migrating_to=dst` (EVICTING on `src`), then ACTIVATING on `dst`."""
 
     model: str
     src: str

@@ -15,7 +15,9 @@ them out. Policies, selectable by name:
   * Eviction when memory is needed: activation (above), or a device whose KV in use passes the
     high watermark of its non-weight memory loses its cheapest idle model (one per device per cycle).
     Past `max_idle_s` (off by default) idle models are evicted even without need.
-  * Migration (Prism Algorithm 1, one move at a time): rate every single move of a model that may move
+  * Migration (Prism Algorithm 1, one move at a time, and none while one is in flight: a migrating model
+    counts on its source until it is gone and on its destination from the start, so the next cycle
+    does not send a second hot model after it): rate every single move of a model that may move
     (active, not pinned, not cooling down) by how much it lowers the larger pressure of its two
     devices; take the best, only if it beats the hysteresis `migration_gain`; at most one per cycle,
     then the model cools down for `migration_cooldown_s`. The greedy placement (recomputed around the
@@ -136,6 +138,8 @@ class PrismPlacement:
 
     def _migrate(self, now: float, layout: Layout, history: PlacementHistory) -> list[Action]:
         resident = [m for d in layout.order for m in layout.models_on(d)]
+        if any(m.migrating_to is not None for m in resident):
+            return []  # one migration in flight at a time: decided again on the state it leaves
         cooldown_s = self.config.migration_cooldown_s
         movable = [
             m

@@ -76,6 +76,8 @@ class Layout:
         for model in state.models:
             if model.is_resident and model.device_id in layout.devices:
                 layout.add(model, model.device_id)
+            if model.migrating_to in layout.devices:  # booked where it is going while it leaves its source
+                layout.add(model, model.migrating_to)
         return layout
 
     def copy(self) -> Layout:

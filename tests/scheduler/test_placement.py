@@ -129,6 +129,45 @@ def test_at_most_one_migration_per_cycle_and_the_next_cycle_continues():
     assert sorted(m.device_id for m in state.models) == ["g0", "g1", "g2", "g3"]
 
 
+
+def run_with_migrations_that_take_time(global_scheduler: GlobalScheduler, state: ClusterState, cycles: int,
+                                       phase_cycles: int = 3) -> tuple[ClusterState, list[Migrate]]:
+    """A cycle a second, and migrations carried out as the controller does: `phase_cycles` cycles draining
+    from the source (EVICTING there, `migrating_to` its destination), then as many activating there."""
+    moves, in_flight = [], {}  # model -> [destination, cycles evicting left, cycles activating left]
+    for cycle in range(cycles):
+        for action in global_scheduler.plan(float(cycle), state):
+            if isinstance(action, Migrate):
+                moves.append(action)
+                in_flight[action.model] = [action.dst, phase_cycles, phase_cycles]
+        models = {m.name: m for m in state.models}
+        for name, entry in list(in_flight.items()):
+            dst, evicting, activating = entry
+            if evicting:
+                models[name] = dataclasses.replace(models[name], state=ModelState.EVICTING, migrating_to=dst)
+                entry[1] -= 1
+            elif activating:
+                models[name] = dataclasses.replace(models[name], state=ModelState.ACTIVATING, device_id=dst, migrating_to=None)
+                entry[2] -= 1
+            else:
+                models[name] = dataclasses.replace(models[name], state=ModelState.ACTIVE)
+                del in_flight[name]
+        state = ClusterState(state.devices, tuple(models.values()))
+    return state, moves
+
+
+@pytest.mark.parametrize("num_devices", [2, 3, 4])
+def test_two_hot_models_are_separated_by_one_migration_that_takes_time_and_never_swing_back(num_devices):
+    """Regression: a model being migrated still counted on its source and not at its destination, so the
+    next cycle sent the other hot model after it; both ended on one device and swung back after the
+    cooldown (reproduced with the real scheduler on two devices)."""
+    devices = [device(f"g{i}", 100) for i in range(num_devices)]
+    state = cluster(devices, [model("hot-a", 10, weight_gb=10, on="g0"), model("hot-b", 10, weight_gb=10, on="g0")])
+    state, moves = run_with_migrations_that_take_time(scheduler(migration_cooldown_s=10.0), state, cycles=60)
+    assert len(moves) == 1
+    placed = {m.name: m.device_id for m in state.models}
+    assert placed["hot-a"] != placed["hot-b"] and all(m.state is ModelState.ACTIVE for m in state.models)
+
 def ping_pong_state() -> ClusterState:
     # g0: x (10.5) + z (1) = 11.5 vs g1: y (10). Moving z gains 4 %; when x drops to 9.5, moving it back does too.
     return cluster([device("g0", 100), device("g1", 100)], [model("x", 10.5, on="g0"), model("z", 1, on="g0"), model("y", 10, on="g1")])
