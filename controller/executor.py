@@ -4,7 +4,8 @@ restart asked for them.
 
 `begin(actions)` is called under the model manager's plan lock and does not wait: it marks every model
 an action touches at once (victims EVICTING, activated models ACTIVATING on their device, migrated models
-EVICTING), so the next decision sees them and memory is never booked twice; the work itself (drains,
+booked on their destination too: `also_on`), so the next decision sees them and memory is never booked
+twice; the work itself (drains,
 round trips to the workers) then runs in tasks. An activation waits for the evictions that were started
 with it on its device.
 
@@ -66,7 +67,7 @@ class ActionExecutor:
             runtime = self.runtimes.get(action.model)
             if runtime is None:
                 continue  # removed since the decision
-            if isinstance(action, Evict) and runtime.state is ModelState.ACTIVE:
+            if isinstance(action, Evict) and runtime.state is ModelState.ACTIVE and runtime.also_on is None:
                 runtime.set_state(ModelState.EVICTING)
                 task = asyncio.create_task(self._evict(runtime, action.reason, drain_timeout_s))
                 evictions.setdefault(runtime.device, []).append(task)
@@ -75,9 +76,8 @@ class ActionExecutor:
                 runtime.kv_budget_bytes = action.kv_budget_bytes
                 runtime.activation_reason = reason
                 task = asyncio.create_task(self._activate(runtime, evictions.get(action.device, []), reason))
-            elif isinstance(action, Migrate) and runtime.state is ModelState.ACTIVE:
-                runtime.set_state(ModelState.EVICTING)
-                runtime.migrating_to = action.dst  # booked there from now on (the scheduler's state)
+            elif isinstance(action, Migrate) and runtime.state is ModelState.ACTIVE and runtime.also_on is None:
+                runtime.also_on = action.dst  # booked there from now on; it keeps serving on its source
                 task = asyncio.create_task(self._migrate(runtime, action))
             else:
                 continue  # the state moved on since the decision: it is decided again with the next one
@@ -100,15 +100,7 @@ class ActionExecutor:
         return outcome
 
     async def _load(self, runtime: ModelRuntime) -> ActivationOutcome:
-        worker = self.workers[runtime.device]
-        spec = runtime.entry.spec(runtime.device, self.registry.memory.block_size)
-        try:
-            reply = await worker.activate(spec, runtime.kv_budget_bytes)
-        except WorkerGone as exc:
-            return ActivationOutcome("worker_lost", str(exc))
-        if reply.error is not None:
-            return ActivationOutcome(reply.error_kind or "failed", reply.error, reply)
-        return ActivationOutcome("ok", None, reply)
+        return await self._load_on(runtime, self.workers[runtime.device])
 
     def _record_activation(self, runtime: ModelRuntime, outcome: ActivationOutcome, elapsed: float, reason: str) -> None:
         device = runtime.device
@@ -171,10 +163,62 @@ class ActionExecutor:
         return {"model": runtime.name, "state": "inactive", "evict_s": elapsed, "failed_requests": failed}
 
     async def _migrate(self, runtime: ModelRuntime, action: Migrate) -> dict:
+        """Make before break: load the model on `dst` while `src` keeps serving it, switch new requests to
+        `dst`, let those on `src` finish (up to the drain timeout), then evict it there. No request fails
+        because of a migration that completes within the drain timeout; one that `dst` cannot take leaves
+        the model where it was."""
+        started = time.monotonic()
+        source, destination = self.workers.get(action.src), self.workers.get(action.dst)
         try:
-            evicted = await self._evict(runtime, f"migration to {action.dst}")
+            if destination is None or source is None:
+                outcome = ActivationOutcome("failed", f"unknown device {action.dst if destination is None else action.src}")
+            else:
+                outcome = await self._load_on(runtime, destination)
+            if outcome.kind != "ok" or runtime.state is not ModelState.ACTIVE or runtime.device != action.src:
+                self.events.add("migration_failed", runtime.name, action.dst, time.monotonic() - started,
+                                f"{outcome.kind}: {outcome.error}" if outcome.kind != "ok" else "the model moved on meanwhile")
+                if outcome.kind == "ok" and destination is not None:
+                    await self._evict_from(destination, runtime.name, "migration abandoned")
+                return {"model": runtime.name, "state": runtime.state.value, "device": runtime.device, "migrated": False,
+                        "error": outcome.error or "the model moved on meanwhile"}
+            runtime.also_on = action.src  # draining there; new requests go to the destination from now on
+            runtime.activated_s = time.monotonic()
+            runtime.set_state(ModelState.ACTIVE, action.dst)
+            switched_s = time.monotonic() - started
+            failed = await self._drain_and_evict(runtime, source, f"migrated to {action.dst}")
         finally:
-            runtime.migrating_to = None  # from here it is ACTIVATING on the destination, or not migrating
-        if runtime.state is ModelState.INACTIVE and action.dst in self.workers:
-            await asyncio.gather(*self.begin([Activate(action.model, action.dst, runtime.kv_budget_bytes)], f"migration from {action.src}"))
-        return evicted
+            runtime.also_on = None
+            runtime.notify()
+        elapsed = time.monotonic() - started
+        self.events.add("migrated", runtime.name, action.dst, elapsed,
+                        f"from {action.src}; switched after {switched_s:.3f} s" + (f"; {failed} request(s) failed" if failed else ""))
+        return {"model": runtime.name, "state": runtime.state.value, "device": action.dst, "migrated": True,
+                "switch_s": switched_s, "migrate_s": elapsed, "failed_requests": failed}
+
+    async def _load_on(self, runtime: ModelRuntime, worker: WorkerHandle) -> ActivationOutcome:
+        spec = runtime.entry.spec(worker.device, self.registry.memory.block_size)
+        try:
+            reply = await worker.activate(spec, runtime.kv_budget_bytes)
+        except WorkerGone as exc:
+            return ActivationOutcome("worker_lost", str(exc))
+        if reply.error is not None:
+            return ActivationOutcome(reply.error_kind or "failed", reply.error, reply)
+        return ActivationOutcome("ok", None, reply)
+
+    async def _drain_and_evict(self, runtime: ModelRuntime, worker: WorkerHandle, reason: str) -> int:
+        """Wait until none of the model's requests runs on `worker` (up to the drain timeout), then evict it
+        there; how many requests the eviction failed."""
+        deadline = time.monotonic() + self.registry.scheduler.evict_drain_timeout_s
+        while worker.num_streams(runtime.name) > 0 and time.monotonic() < deadline:
+            try:
+                await runtime.changed(deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+        return await self._evict_from(worker, runtime.name, reason)
+
+    @staticmethod
+    async def _evict_from(worker: WorkerHandle, name: str, reason: str) -> int:
+        try:
+            return (await worker.evict(name, reason)).num_failed
+        except WorkerGone:
+            return 0  # the worker died: the model's memory went with it

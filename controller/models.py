@@ -29,7 +29,7 @@ from controller.metrics import Metrics
 from controller.registry import Registry
 from controller.runtime import ModelRuntime
 from controller.worker_handle import WorkerGone, WorkerHandle
-from scheduler.cluster import Action, Activate, ClusterState, DeviceInfo, Evict, ModelInfo, ModelState
+from scheduler.cluster import Action, Activate, ClusterState, DeviceInfo, Evict, Migrate, ModelInfo, ModelState
 from scheduler.placement import GlobalScheduler
 from scheduler.pressure import compute_share
 from scheduler.rates import RateTracker
@@ -185,8 +185,7 @@ class ModelManager:
             return
         runtime.num_running -= 1
         self.rates.on_decode(time.monotonic(), model, num_generated)
-        if runtime.num_running == 0:
-            runtime.notify()  # an eviction may be draining
+        runtime.notify()  # an eviction or a migration's source may be draining
 
     def not_resident(self, model: str, worker_id: str) -> None:
         """The worker refused a request because it does not hold `model`: repair the controller's view."""
@@ -221,6 +220,22 @@ class ModelManager:
         if not only.devices:
             raise Unavailable(f"no worker on device {device!r} is ready")
         return self.global_scheduler.on_arrival(time.monotonic(), model, only)
+
+    async def migrate(self, model: str, device: str) -> dict:
+        """Admin: move an active model to `device`, make before break (its requests keep being served); it
+        then cools down like a migration the scheduler made."""
+        runtime = self.runtimes[model]
+        if runtime.state is not ModelState.ACTIVE or runtime.also_on is not None:
+            raise Unavailable(f"model {model!r} is {'migrating' if runtime.also_on else runtime.state.value}; only an active "
+                              "model that is not migrating can be migrated", retry_after_s=5)
+        if runtime.device == device:
+            return {"model": model, "state": "active", "device": device, "migrated": False}
+        self.global_scheduler.history.last_moved_s[model] = time.monotonic()
+        results = await self._decide(lambda state: [Migrate(model, runtime.device, device)], "admin", wait=True)
+        result = results[0] if results else {"migrated": False, "error": "the model moved on meanwhile"}
+        if not result["migrated"]:
+            raise Unavailable(f"model {model!r} could not be migrated to {device}: {result['error']}", retry_after_s=5)
+        return result
 
     async def evict(self, model: str, reason: str = "admin", drain_timeout_s: float | None = None) -> dict:
         """Stop routing to `model`, drain its requests (up to the timeout; the rest fail), unload it."""
@@ -307,8 +322,8 @@ class ModelManager:
         Models with an action in flight are skipped: the worker's reply, which follows its state, settles them."""
         held = {s.name for s in beat.models if s.resident}
         for runtime in self.runtimes.values():
-            here = runtime.device == worker.worker_id
-            if runtime.state is ModelState.ACTIVE and here and runtime.name not in held:
+            here = runtime.device == worker.worker_id or runtime.also_on == worker.worker_id  # a migration's two devices
+            if runtime.state is ModelState.ACTIVE and runtime.device == worker.worker_id and runtime.name not in held:
                 self._repair(runtime, worker.worker_id, "the worker's heartbeat does not list it")
             elif runtime.name in held and not here and runtime.state in (ModelState.ACTIVE, ModelState.INACTIVE):
                 logger.error("residency: worker %s holds %s, which the controller places %s; evicting it there",
@@ -360,5 +375,5 @@ class ModelManager:
             kv_bytes_in_use=stats.kv_pages_mapped * self.registry.memory.page_bytes if stats else 0,
             preferred_device=runtime.entry.config.device,
             activated_s=runtime.activated_s,
-            migrating_to=runtime.migrating_to,
+            also_on=runtime.also_on,
         )

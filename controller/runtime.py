@@ -36,7 +36,7 @@ class ModelRuntime:
     last_activation: dict = field(default_factory=dict)
     task: asyncio.Task | None = None  # the action in progress on it (activation, eviction, migration)
     activation_reason: str = ""  # who asked for its last activation ("request", "scheduler", "admin", ...)
-    migrating_to: str | None = None  # the destination of a migration while it drains from its source
+    also_on: str | None = None  # a migration in flight: its destination until the switch, then its source until drained
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property

@@ -267,6 +267,10 @@ class WorkerHandle:
 
     # --- requests ---------------------------------------------------------------------------------
 
+    def num_streams(self, model: str) -> int:
+        """The model's requests in flight on this worker."""
+        return sum(1 for stream in self.streams.values() if stream.model == model)
+
     def submit(self, req_id: str, model: str, prompt_token_ids: list[int], sampling: m.SamplingParams, arrival_s: float) -> RequestStream:
         if self.state != "ready":
             raise WorkerGone(f"worker {self.worker_id} is {self.state}")

@@ -46,7 +46,7 @@ class ModelInfo:
     kv_bytes_in_use: int = 0  # KV mapped for it now (worker heartbeat)
     preferred_device: str | None = None  # the registry's `device:`: chosen when it fits without evicting
     activated_s: float | None = None  # when it last became active: a fresh activation is not idle yet
-    migrating_to: str | None = None  # a migration in flight: booked on this device too until it is there
+    also_on: str | None = None  # a migration in flight: also booked here (its destination, then its source while it drains)
 
     @property
     def demand(self) -> float:
@@ -106,10 +106,10 @@ class Evict:
 
 @dataclass(frozen=True)
 class Migrate:
-    """Move `model` from `src` to `dst`. The controller carries it out as an eviction from `src` (its
-    requests drain for up to `evict_drain_timeout_s`; the rest fail with 503), then an activation on
-    `dst` from the host image; requests that arrive meanwhile wait for the activation. Until it is active
-    on `dst` the state shows it as `migrating_to=dst` (EVICTING on `src`), then ACTIVATING on `dst`."""
+    """Move `model` from `src` to `dst`, make before break: the controller activates it on `dst` while
+    `src` keeps serving it (the state shows it ACTIVE on `src`, `also_on=dst`), switches new requests to
+    `dst` (ACTIVE on `dst`, `also_on=src`), lets the requests on `src` finish (up to
+    `evict_drain_timeout_s`) and evicts it there. If `dst` cannot take it, it stays on `src`."""
 
     model: str
     src: str

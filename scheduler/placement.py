@@ -17,7 +17,7 @@ them out. Policies, selectable by name:
     Past `max_idle_s` (off by default) idle models are evicted even without need.
   * Migration (Prism Algorithm 1, one move at a time, and none while one is in flight: a migrating model
     counts on its source until it is gone and on its destination from the start, so the next cycle
-    does not send a second hot model after it): rate every single move of a model that may move
+    does not send a second hot model after it; a migrating model is never evicted): rate every single move of a model that may move
     (active, not pinned, not cooling down) by how much it lowers the larger pressure of its two
     devices; take the best, only if it beats the hysteresis `migration_gain`; at most one per cycle,
     then the model cools down for `migration_cooldown_s`. The greedy placement (recomputed around the
@@ -110,7 +110,7 @@ class PrismPlacement:
         return [
             m
             for m in layout.models_on(device_id)
-            if m.state is ModelState.ACTIVE and not m.pinned and m.is_idle(now, self.config.idle_evict_s)
+            if m.state is ModelState.ACTIVE and not m.pinned and m.also_on is None and m.is_idle(now, self.config.idle_evict_s)
         ]
 
     # --- eviction when memory is needed -----------------------------------------------------------
@@ -129,7 +129,7 @@ class PrismPlacement:
         if self.config.max_idle_s is not None:
             for device_id in layout.order:
                 for model in layout.models_on(device_id):
-                    if model.state is ModelState.ACTIVE and not model.pinned and model.is_idle(now, self.config.max_idle_s):
+                    if model.state is ModelState.ACTIVE and not model.pinned and model.also_on is None and model.is_idle(now, self.config.max_idle_s):
                         layout.remove(model)
                         actions.append(Evict(model.name, device_id, f"idle for more than {self.config.max_idle_s:g} s"))
         return actions
@@ -138,7 +138,7 @@ class PrismPlacement:
 
     def _migrate(self, now: float, layout: Layout, history: PlacementHistory) -> list[Action]:
         resident = [m for d in layout.order for m in layout.models_on(d)]
-        if any(m.migrating_to is not None for m in resident):
+        if any(m.also_on is not None for m in resident):
             return []  # one migration in flight at a time: decided again on the state it leaves
         cooldown_s = self.config.migration_cooldown_s
         movable = [

@@ -76,8 +76,8 @@ class Layout:
         for model in state.models:
             if model.is_resident and model.device_id in layout.devices:
                 layout.add(model, model.device_id)
-            if model.migrating_to in layout.devices:  # booked where it is going while it leaves its source
-                layout.add(model, model.migrating_to)
+            if model.also_on in layout.devices:  # a migration in flight: booked on both of its devices
+                layout.add(model, model.also_on)
         return layout
 
     def copy(self) -> Layout:

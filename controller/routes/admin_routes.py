@@ -25,6 +25,11 @@ class ActivateBody(BaseModel):
     device: str | None = Field(None, description="device to activate on (e.g. cuda:1); default: the scheduler's choice")
 
 
+class MigrateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    device: str = Field(description="device to move the model to (e.g. cuda:1)")
+
+
 class EvictBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     drain_timeout_s: float | None = Field(None, ge=0, description="wait this long for running requests (default: registry)")
@@ -98,6 +103,18 @@ async def activate(name: str, request: Request, body: ActivateBody | None = None
     if device is not None and device not in _server(request).workers:
         raise ModelNotFound(f"no worker on device {device!r}", param="device")
     return await _server(request).manager.activate(name, device)
+
+
+@router.post("/models/{name}/migrate")
+async def migrate(name: str, request: Request, body: MigrateBody) -> dict:
+    """Move an active model to another device, make before break: it is loaded there while it keeps
+    serving here, new requests switch, then the requests here finish and it is evicted here."""
+    runtime = _runtime(request, name)
+    if body.device not in _server(request).workers:
+        raise ModelNotFound(f"no worker on device {body.device!r}", param="device")
+    if runtime.pinned:
+        raise Conflict(f"model {name!r} is pinned; unpin it first", param="name")
+    return await _server(request).manager.migrate(name, body.device)
 
 
 @router.post("/models/{name}/evict")

@@ -132,9 +132,10 @@ def test_at_most_one_migration_per_cycle_and_the_next_cycle_continues():
 
 def run_with_migrations_that_take_time(global_scheduler: GlobalScheduler, state: ClusterState, cycles: int,
                                        phase_cycles: int = 3) -> tuple[ClusterState, list[Migrate]]:
-    """A cycle a second, and migrations carried out as the controller does: `phase_cycles` cycles draining
-    from the source (EVICTING there, `migrating_to` its destination), then as many activating there."""
-    moves, in_flight = [], {}  # model -> [destination, cycles evicting left, cycles activating left]
+    """A cycle a second, and migrations carried out as the controller does, make before break:
+    `phase_cycles` cycles activating at the destination (still serving at the source), then as many
+    draining at the source (serving at the destination)."""
+    moves, in_flight = [], {}  # model -> [destination, cycles activating left, cycles draining left]
     for cycle in range(cycles):
         for action in global_scheduler.plan(float(cycle), state):
             if isinstance(action, Migrate):
@@ -142,15 +143,16 @@ def run_with_migrations_that_take_time(global_scheduler: GlobalScheduler, state:
                 in_flight[action.model] = [action.dst, phase_cycles, phase_cycles]
         models = {m.name: m for m in state.models}
         for name, entry in list(in_flight.items()):
-            dst, evicting, activating = entry
-            if evicting:
-                models[name] = dataclasses.replace(models[name], state=ModelState.EVICTING, migrating_to=dst)
+            dst, activating, draining = entry
+            src = models[name].device_id if activating else models[name].also_on
+            if activating:
+                models[name] = dataclasses.replace(models[name], also_on=dst)
                 entry[1] -= 1
-            elif activating:
-                models[name] = dataclasses.replace(models[name], state=ModelState.ACTIVATING, device_id=dst, migrating_to=None)
+            elif draining:
+                models[name] = dataclasses.replace(models[name], device_id=dst, also_on=src)
                 entry[2] -= 1
             else:
-                models[name] = dataclasses.replace(models[name], state=ModelState.ACTIVE)
+                models[name] = dataclasses.replace(models[name], also_on=None)
                 del in_flight[name]
         state = ClusterState(state.devices, tuple(models.values()))
     return state, moves
