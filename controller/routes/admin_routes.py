@@ -58,6 +58,7 @@ def _model_view(server, runtime) -> dict:
         "name": runtime.name,
         "state": runtime.state.value,
         "device": runtime.device,
+        "also_on": runtime.also_on,  # a migration in flight: its destination, then its draining source
         "pinned": runtime.pinned,
         "error": runtime.error,
         "memory": {

@@ -72,6 +72,7 @@ def test_a_migration_while_a_stream_runs_loses_nothing(server):
     assert moved.status_code == 200, moved.text
     assert moved.json()["migrated"] and moved.json()["failed_requests"] == 0 and moved.json()["device"] == other
     assert server.health()["models"][SMOL]["device"] == other
+    assert admin(server, "GET", f"/models/{SMOL}").json()["also_on"] is None  # the migration is over
     assert SMOL not in {name for name, stats in server.health()["workers"][home]["models"].items() if stats["resident"]}
     assert served(server, SMOL)
     events = admin(server, "GET", "/events").json()["events"]
@@ -93,6 +94,8 @@ def test_a_model_whose_worker_is_killed_is_served_from_the_other_device(server):
     wait_until(lambda: server.health()["models"][SMOL]["state"] != "active", 30, what="the controller to see its worker gone")
     assert served(server, SMOL)
     assert server.health()["models"][SMOL]["device"] == other
-    wait_until(lambda: server.health()["workers"][home]["state"] == "ready" and server.worker_pid(home) != old, 120,
-               what="the killed worker to be back")
+    def back(worker: dict) -> bool:  # one snapshot: a new process, ready
+        return worker["state"] == "ready" and worker["pid"] != old
+
+    wait_until(lambda: back(server.health()["workers"][home]), 120, what="the killed worker to be back")
     assert served(server, TINY) and served(server, SMOL)
