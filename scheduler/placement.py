@@ -19,8 +19,10 @@ them out. Policies, selectable by name:
     counts on its source until it is gone and on its destination from the start, so the next cycle
     does not send a second hot model after it; a migrating model is never evicted): rate every single move of a model that may move
     (active, not pinned, not cooling down) by how much it lowers the larger pressure of its two
-    devices; take the best, only if it beats the hysteresis `migration_gain`; at most one per cycle,
-    then the model cools down for `migration_cooldown_s`. The greedy placement (recomputed around the
+    devices, less its cost: the share of the eviction horizon (`EvictionCost.horizon_s`) that copying
+    its weights takes at the load bandwidth, while it is booked on both devices; take the best, only
+    if that net gain beats the hysteresis `migration_gain`; at most one per cycle, then the model cools
+    down for `migration_cooldown_s`. The greedy placement (recomputed around the
     models that may not move) breaks ties: among equal gains, a move toward it wins.
     Why not simply move toward the greedy placement, as the paper does: with one move per cycle, its
     target can be a permutation of the current placement that no single move improves (it stalls).
@@ -163,7 +165,7 @@ class PrismPlacement:
                     continue
                 trial.add(model, dst)
                 before = max(layout.pressure(src), layout.pressure(dst))
-                gain = relative_gain(before, max(trial.pressure(src), trial.pressure(dst)))
+                gain = relative_gain(before, max(trial.pressure(src), trial.pressure(dst))) - self._migration_cost(model)
                 key = (gain, target.get(model.name) == dst)
                 if key > best_key:
                     best_key, best_move = key, (model, src, dst)
@@ -174,6 +176,12 @@ class PrismPlacement:
         layout.remove(model)
         layout.add(model, dst)
         return [Migrate(model.name, src, dst)]
+
+
+    def _migration_cost(self, model: ModelInfo) -> float:
+        """The share of the horizon a move of `model` spends copying its weights (booked on two devices)."""
+        eviction = self.config.eviction
+        return model.weight_bytes / eviction.load_bytes_per_s / eviction.horizon_s
 
 
 POLICIES = ("prism", "static", "swap")

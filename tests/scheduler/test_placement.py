@@ -170,6 +170,17 @@ def test_two_hot_models_are_separated_by_one_migration_that_takes_time_and_never
     placed = {m.name: m.device_id for m in state.models}
     assert placed["hot-a"] != placed["hot-b"] and all(m.state is ModelState.ACTIVE for m in state.models)
 
+
+@pytest.mark.parametrize(("weight_gb", "moves"), [(80, 1), (1000, 0)])
+def test_a_migration_that_does_not_pay_for_its_copy_is_not_made(weight_gb, moves):
+    """Two equally hot models on one device far larger than both: splitting them halves its pressure (a
+    gain of about 0.5). Copying 80 GB at the load bandwidth takes 3 s of the 60 s horizon, which the gain
+    pays for; 1000 GB takes 40 s, which it does not."""
+    devices = [device("g0", 100_000), device("g1", 100_000)]
+    state = cluster(devices, [model("a", 10, weight_gb=weight_gb, on="g0"), model("b", 10, weight_gb=weight_gb, on="g0")])
+    _, made = run_with_migrations_that_take_time(scheduler(), state, cycles=10)
+    assert len(made) == moves
+
 def ping_pong_state() -> ClusterState:
     # g0: x (10.5) + z (1) = 11.5 vs g1: y (10). Moving z gains 4 %; when x drops to 9.5, moving it back does too.
     return cluster([device("g0", 100), device("g1", 100)], [model("x", 10.5, on="g0"), model("z", 1, on="g0"), model("y", 10, on="g1")])
