@@ -2,12 +2,15 @@
 
 Each worker connects a DEALER socket with its id as identity; messages are msgpack-encoded typed structs
 (workers/contract/messages.py). One receive task routes each incoming message to the handler of its worker.
+Every connection is CURVE-encrypted with keys derived from the channel's secret (workers/contract/
+channel_keys.py): a peer without it cannot connect, so it cannot take over a worker's identity either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from typing import Callable
 
 import msgspec
@@ -15,6 +18,7 @@ import zmq
 import zmq.asyncio
 
 from workers.contract import messages as m
+from workers.contract.channel_keys import as_server, channel_keys
 
 logger = logging.getLogger("prism.controller")
 
@@ -22,11 +26,13 @@ Handler = Callable[[m.FromWorker], None]
 
 
 class WorkerChannel:
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", secret: str | None = None):
+        self.secret = secret or secrets.token_urlsafe(32)  # handed to the workers it spawns, in their environment
         self._context = zmq.asyncio.Context()
         self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity
+        self._socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its identity (it has the secret)
         self._socket.setsockopt(zmq.LINGER, 0)
+        as_server(self._socket, channel_keys(self.secret))
         port = self._socket.bind_to_random_port(f"tcp://{host}")
         self.address = f"tcp://{host}:{port}"
         self._handlers: dict[bytes, Handler] = {}

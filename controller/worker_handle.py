@@ -23,6 +23,7 @@ from typing import Callable
 
 from controller.channel import WorkerChannel
 from workers.contract import messages as m
+from workers.contract.channel_keys import SECRET_ENV
 from workers.contract.config import WorkerConfig
 
 logger = logging.getLogger("prism.controller")
@@ -131,6 +132,9 @@ class WorkerHandle:
             "--log-format", self.log_format,
         ]
 
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, SECRET_ENV: self.channel.secret}  # not on the command line: other users can read that
+
     async def _spawn(self) -> None:
         self.state = "starting"
         spare, self._standby = self._standby, None
@@ -146,14 +150,15 @@ class WorkerHandle:
             self._process = spare
             logger.info("worker %s: its standby (pid %d) takes over on %s", self.worker_id, spare.pid, self.device)
         else:
-            self._process = await asyncio.create_subprocess_exec(*self._command())
+            self._process = await asyncio.create_subprocess_exec(*self._command(), env=self._environment())
             logger.info("started worker %s (pid %d) on %s", self.worker_id, self._process.pid, self.device)
         self.pid = self._process.pid
 
     async def _start_standby(self) -> None:
         if not self.standby or self._stopping or (self._standby is not None and self._standby.returncode is None):
             return
-        self._standby = await asyncio.create_subprocess_exec(*self._command(), "--standby", stdin=asyncio.subprocess.PIPE)
+        self._standby = await asyncio.create_subprocess_exec(*self._command(), "--standby", stdin=asyncio.subprocess.PIPE,
+                                                             env=self._environment())
         logger.info("worker %s: a standby (pid %d) waits to take over", self.worker_id, self._standby.pid)
         if self._stopping:  # stop() ran while it started
             await self._stop_standby(10.0)

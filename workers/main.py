@@ -2,7 +2,8 @@
 
 The controller starts one per configured device. The command line says only how to reach the controller
 and which device to drive; the worker's configuration comes from the controller when it connects
-(`workers/contract/config.py`).
+(`workers/contract/config.py`). The channel's secret comes in the environment (`PRISM_WORKER_SECRET`,
+workers/contract/channel_keys.py).
 """
 
 from __future__ import annotations

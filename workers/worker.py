@@ -19,6 +19,7 @@ import zmq
 from memory import PagePool
 from memory.host_store import HostWeightStore
 from workers.contract import messages as m
+from workers.contract.channel_keys import SECRET_ENV, as_client, channel_keys
 from workers.contract.config import WorkerConfig
 from workers.contract.gc_heap import GcPauses, freeze_heap
 from workers.device_loop import DeviceLoop
@@ -67,6 +68,10 @@ class Worker:
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.IDENTITY, worker_id.encode())
         self._socket.setsockopt(zmq.LINGER, 1000)
+        secret = os.environ.get(SECRET_ENV)
+        if not secret:
+            raise NoConfiguration(f"{SECRET_ENV} is not set: a worker joins its controller only with the channel's secret")
+        as_client(self._socket, channel_keys(secret))
         self._socket.connect(controller_address)
 
     def run(self) -> None:

@@ -22,6 +22,7 @@ from controller.registry import default_registry_path, load_registry
 from controller.server import Server
 from scheduler.cluster import ModelState
 from workers.contract import messages as m
+from workers.contract.channel_keys import as_client, channel_keys
 from workers.contract.prepare import default_cache_dir
 
 TINY = "tiny-llama-random"
@@ -41,10 +42,12 @@ def stats(name: str) -> m.ModelStats:
 class Peer:
     """The worker's side of the channel, scripted: it answers what it is sent as its sets below say."""
 
-    def __init__(self, address: str, worker_id: str = "cpu"):
+    def __init__(self, address: str, secret: str | None, worker_id: str = "cpu"):
         self.context = zmq.asyncio.Context()
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, worker_id.encode())
+        if secret is not None:  # None: a plain connection, as any local process could make
+            as_client(self.socket, channel_keys(secret))
         self.socket.connect(address)
         self.worker_id = worker_id
         self.received: list[m.ToWorker] = []
@@ -126,7 +129,7 @@ def run(catalog, scenario) -> None:
         registry = load_registry(default_registry_path())
         server = Server(registry, dict(catalog), default_cache_dir())
         await server.build()
-        peer = Peer(server.channel.address)
+        peer = Peer(server.channel.address, server.channel.secret)
         configure = await peer.join()
         assert configure.config == registry.worker_config(server.store_prefix, default_cache_dir())
         serving = asyncio.create_task(peer.serve())
@@ -215,5 +218,32 @@ def test_an_activation_an_operator_asked_for_is_not_cancelled_when_requests_leav
         server.manager.executor.cancel_if_unwanted(runtime)  # what a departing request does
         assert not any(isinstance(x, m.CancelActivation) for x in peer.received)
         admin.cancel()
+
+    run(catalog, scenario)
+
+
+@pytest.mark.parametrize("secret", [None, "not the secret"], ids=["plain", "wrong-secret"])
+def test_a_peer_without_the_channel_secret_can_neither_join_nor_take_over_a_workers_identity(catalog, secret):
+    """Regression: the channel had no authentication, and with ROUTER_HANDOVER any local process that
+    connected as `cpu` took that worker's identity: it received its prompts and could inject outputs."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    async def scenario(server, peer):
+        intruder = Peer(server.channel.address, secret)  # the real worker's identity, without its secret
+        monitor = intruder.socket.get_monitor_socket()
+        try:
+            intruder.send(m.Hello("cpu", "cpu", 666))
+            refused = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                       zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_DISCONNECTED)
+            while (await asyncio.wait_for(recv_monitor_message(monitor), 10))["event"] not in refused:
+                pass  # connected at the TCP level; the CURVE handshake then fails
+            await server.manager.evict(TINY)  # still routed to the real worker
+            assert any(isinstance(x, m.Evict) and x.name == TINY for x in peer.received)
+            assert server.workers["cpu"].pid == 4242  # the intruder's Hello never reached the controller
+            assert await intruder.socket.poll(0) == 0  # and nothing reached the intruder
+        finally:
+            intruder.socket.disable_monitor()
+            monitor.close(0)
+            intruder.close()
 
     run(catalog, scenario)
