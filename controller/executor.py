@@ -147,13 +147,8 @@ class ActionExecutor:
                 await runtime.changed(deadline - time.monotonic())
             except asyncio.TimeoutError:
                 break
-        failed = 0
         worker = self.workers.get(runtime.device)
-        if worker is not None:
-            try:
-                failed = (await worker.evict(runtime.name, reason)).num_failed
-            except WorkerGone:
-                pass  # the worker died: the model's memory went with it
+        failed = await self._evict_from(worker, runtime.name, reason) if worker is not None else 0
         elapsed = time.monotonic() - started
         self.events.add("evicted", runtime.name, runtime.device, elapsed, f"{reason}; {failed} request(s) failed" if failed else reason)
         self.metrics.evictions.labels(runtime.name, reason.split(":")[0]).inc()

@@ -13,8 +13,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
+
+from controller.registry import default_registry_path
 
 LISTEN_LINE = re.compile(r"prism-serve listening on (http://\S+)")
+
+
+def default_registry() -> dict:
+    """The embedded default registry as data, its models' relative paths made absolute, for a changed copy."""
+    registry = yaml.safe_load(default_registry_path().read_text())
+    for model in registry["models"]:
+        if "config" in model:
+            model["config"] = str(default_registry_path().parent / model["config"])
+    return registry
+
+
+def write_registry(directory: Path, registry: dict) -> Path:
+    path = directory / "registry.yaml"
+    path.write_text(yaml.safe_dump(registry))
+    return path
 
 
 def wait_until(predicate, timeout_s: float, interval_s: float = 0.05, what: str = "condition"):

@@ -14,10 +14,14 @@ import time
 import httpx
 import openai
 import pytest
-import yaml
 
-from controller.registry import default_registry_path
-from tests.controller.server_process import start_server, stop_server, wait_until
+from tests.controller.server_process import (
+    default_registry,
+    start_server,
+    stop_server,
+    wait_until,
+    write_registry,
+)
 
 SMOL = "smollm2-135m-instruct"
 TINY = "tiny-llama-random"
@@ -26,13 +30,11 @@ TOKEN = "faults-admin"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prepared_smollm2):
-    registry = yaml.safe_load(default_registry_path().read_text())
-    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
+    registry = default_registry()
     registry["models"][0]["max_num_batched_tokens"] = 128  # a long prompt is prefilled over many steps
     registry["server"]["worker_start_timeout_s"] = 120
     registry["server"]["standby_workers"] = "always"  # as on a GPU: each kill is taken over by the spare
-    path = tmp_path_factory.mktemp("faults") / "registry.yaml"
-    path.write_text(yaml.safe_dump(registry))
+    path = write_registry(tmp_path_factory.mktemp("faults"), registry)
     process = start_server(path, env={"PRISM_ADMIN_TOKEN": TOKEN})
     yield process
     stop_server(process)

@@ -10,12 +10,15 @@ import json
 
 import httpx
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.registry import default_registry_path
-from tests.controller.server_process import start_server, stop_server
+from tests.controller.server_process import (
+    default_registry,
+    start_server,
+    stop_server,
+    write_registry,
+)
 
 schemathesis = pytest.importorskip("schemathesis")
 
@@ -27,11 +30,9 @@ REGISTRY_CHANGES = {("POST", "/admin/models"), ("PUT", "/admin/models/{name}"), 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prepared_smollm2):
-    registry = yaml.safe_load(default_registry_path().read_text())
-    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
+    registry = default_registry()
     registry["server"]["request_timeout_s"] = 30
-    path = tmp_path_factory.mktemp("fuzz") / "registry.yaml"
-    path.write_text(yaml.safe_dump(registry))
+    path = write_registry(tmp_path_factory.mktemp("fuzz"), registry)
     process = start_server(path, env={"PRISM_API_KEYS": f"other,{API_KEY}", "PRISM_ADMIN_TOKEN": ADMIN_TOKEN})
     yield process
     stop_server(process)

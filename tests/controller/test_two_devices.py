@@ -11,10 +11,14 @@ import signal
 import httpx
 import openai
 import pytest
-import yaml
 
-from controller.registry import default_registry_path
-from tests.controller.server_process import start_server, stop_server, wait_until
+from tests.controller.server_process import (
+    default_registry,
+    start_server,
+    stop_server,
+    wait_until,
+    write_registry,
+)
 
 SMOL = "smollm2-135m-instruct"
 TINY = "tiny-llama-random"
@@ -23,11 +27,9 @@ TOKEN = "two-devices-admin"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prepared_smollm2):
-    registry = yaml.safe_load(default_registry_path().read_text())
-    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
+    registry = default_registry()
     registry["devices"] = ["cpu:0", "cpu:1"]
-    path = tmp_path_factory.mktemp("two-devices") / "registry.yaml"
-    path.write_text(yaml.safe_dump(registry))
+    path = write_registry(tmp_path_factory.mktemp("two-devices"), registry)
     process = start_server(path, env={"PRISM_ADMIN_TOKEN": TOKEN})
     yield process
     stop_server(process)

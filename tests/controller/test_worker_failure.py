@@ -9,10 +9,15 @@ import time
 
 import openai
 import pytest
-import yaml
 
-from controller.registry import default_registry_path
-from tests.controller.server_process import pid_alive, start_server, stop_server, wait_until
+from tests.controller.server_process import (
+    default_registry,
+    pid_alive,
+    start_server,
+    stop_server,
+    wait_until,
+    write_registry,
+)
 
 SMOL = "smollm2-135m-instruct"
 LONG = dict(max_tokens=2000, extra_body={"ignore_eos": True})
@@ -20,11 +25,9 @@ LONG = dict(max_tokens=2000, extra_body={"ignore_eos": True})
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, prepared_smollm2):
-    registry = yaml.safe_load(default_registry_path().read_text())
+    registry = default_registry()
     registry["server"].update(max_queued_per_model=2, worker_start_timeout_s=1.0)
-    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
-    config = tmp_path_factory.mktemp("failure") / "registry.yaml"
-    config.write_text(yaml.safe_dump(registry))
+    config = write_registry(tmp_path_factory.mktemp("failure"), registry)
     server = start_server(config)
     yield server
     stop_server(server)
@@ -92,11 +95,9 @@ def test_a_killed_worker_fails_its_requests_at_once_and_comes_back(server):
 
 
 def test_shutdown_stops_the_workers_no_orphans(tmp_path_factory, prepared_smollm2):
-    registry = yaml.safe_load(default_registry_path().read_text())
+    registry = default_registry()
     registry["server"]["standby_workers"] = "always"
-    registry["models"][1]["config"] = str(default_registry_path().parent / registry["models"][1]["config"])
-    config = tmp_path_factory.mktemp("shutdown") / "registry.yaml"
-    config.write_text(yaml.safe_dump(registry))
+    config = write_registry(tmp_path_factory.mktemp("shutdown"), registry)
     server = start_server(config)
     worker_pid = server.worker_pid()
     standby_pid = wait_until(lambda: server.health()["workers"]["cpu"]["standby_pid"], 120, 0.2, "a standby worker")
