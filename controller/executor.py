@@ -100,7 +100,10 @@ class ActionExecutor:
         return outcome
 
     async def _load(self, runtime: ModelRuntime) -> ActivationOutcome:
-        return await self._load_on(runtime, self.workers[runtime.device])
+        worker = self.workers.get(runtime.device)
+        if worker is None:
+            return ActivationOutcome("worker_lost", f"worker {runtime.device} left")
+        return await self._load_on(runtime, worker)
 
     def _record_activation(self, runtime: ModelRuntime, outcome: ActivationOutcome, elapsed: float, reason: str) -> None:
         device = runtime.device

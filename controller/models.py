@@ -54,7 +54,7 @@ class ModelManager:
         self.events = events
         sched = registry.scheduler
         self.rates = RateTracker(window_s=sched.rate_window_s)
-        kinds = {d.split(":")[0] for d in workers} or {"cpu"}
+        kinds = {w.kind for w in workers.values()} or {"cpu"}
         self.global_scheduler = GlobalScheduler(sched.policy, sched.placement(min(LOAD_BANDWIDTH[k] for k in kinds)))
         self.runtimes: dict[str, ModelRuntime] = {}
         for entry in catalog.values():
@@ -64,14 +64,12 @@ class ModelManager:
         self._cycle: asyncio.Task | None = None
         self.restoring: dict[str, str] = {}  # model -> worker id: resident there when the worker died
         for worker in workers.values():
-            worker.on_exit = self._on_worker_exit
-            worker.on_ready = self._on_worker_ready
-            worker.on_heartbeat = self._reconcile
+            self.adopt(worker)
 
     # --- the table of models ----------------------------------------------------------------------
 
     def add(self, entry: CatalogEntry) -> ModelRuntime:
-        size = entry.size(next(iter(self.workers), "cpu"))
+        size = entry.size(self._any_device())
         runtime = ModelRuntime(entry, size.weight_bytes, size.kv_bytes_per_token, entry.config.pinned)
         self.runtimes[entry.name] = runtime
         for worker in self.workers.values():
@@ -82,7 +80,7 @@ class ModelManager:
         """Have `worker` prepare the model in the background, if the model may be placed there."""
         preferred = runtime.entry.config.device
         if worker.state == "ready" and preferred in (None, worker.worker_id):
-            worker.prepare(runtime.entry.spec(worker.worker_id, self.registry.memory.block_size))
+            worker.prepare(runtime.entry.spec(worker.device, self.registry.memory.block_size))
 
     def preparation(self, name: str) -> dict[str, str]:
         """Per device, where the model stands in its preparation (from the workers' heartbeats)."""
@@ -109,14 +107,19 @@ class ModelManager:
 
     async def start(self) -> None:
         """Activate pinned models, then the others in registry order while they fit without evicting."""
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):  # workers may join meanwhile
             await worker.wait_ready(STARTUP_TIMEOUT_S)
+        await self._place_at_start("startup")
+        self._cycle = asyncio.create_task(self._run_cycles(), name="placement-cycle")
+
+    async def _place_at_start(self, reason: str) -> None:
         for runtime in sorted(self.runtimes.values(), key=lambda r: not r.pinned):
+            if runtime.state is not ModelState.INACTIVE:
+                continue
             if self.global_scheduler.policy.name != "prism" and not runtime.pinned:
                 continue  # the baselines decide themselves (static: all at once in its first cycle)
             allow_evictions = runtime.pinned
-            await self._decide(lambda state, name=runtime.name: self._arrival(name, state, allow_evictions), "startup", wait=True)
-        self._cycle = asyncio.create_task(self._run_cycles(), name="placement-cycle")
+            await self._decide(lambda state, name=runtime.name: self._arrival(name, state, allow_evictions), reason, wait=True)
 
     async def stop(self) -> None:
         if self._cycle is not None:
@@ -160,9 +163,10 @@ class ModelManager:
         deadline = time.monotonic() + timeout_s
         try:
             while True:
-                if runtime.state is ModelState.ACTIVE and self.workers[runtime.device].state == "ready":
+                worker = self.workers.get(runtime.device) if runtime.state is ModelState.ACTIVE else None
+                if worker is not None and worker.state == "ready":
                     runtime.num_running += 1
-                    return self.workers[runtime.device]
+                    return worker
                 if runtime.error is not None:
                     raise Unavailable(f"model {model!r} cannot be activated: {runtime.error}", retry_after_s=30)
                 if runtime.state is ModelState.INACTIVE and time.monotonic() >= runtime.retry_after_s:
@@ -256,7 +260,7 @@ class ModelManager:
         if target is None:
             return {"model": model, "state": "inactive", "device": None, "evict": [], "estimated_s": None,
                     "detail": "no device can make room now (busy or pinned models); requests would wait"}
-        kind = target.device.split(":")[0]
+        kind = self.workers[target.device].kind
         return {
             "model": model,
             "state": "inactive",
@@ -274,7 +278,7 @@ class ModelManager:
         if runtime.task is not None:
             await asyncio.gather(asyncio.shield(runtime.task), return_exceptions=True)
         await self.evict(model, "removed")
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
             try:
                 await worker.forget(model)
             except WorkerGone:
@@ -283,6 +287,27 @@ class ModelManager:
         self.rates.forget(model)
 
     # --- workers ----------------------------------------------------------------------------------
+
+    def adopt(self, worker: WorkerHandle) -> None:
+        """Take `worker` into placement: its device counts from its first WorkerReady on."""
+        worker.on_exit = self._on_worker_exit
+        worker.on_ready = self._on_worker_ready
+        worker.on_heartbeat = self._reconcile
+
+    def forget_worker(self, worker: WorkerHandle) -> None:
+        """A worker left for good (it had joined over the network): the models it held are placed on the
+        other devices now, as if requested, instead of waiting for it to come back."""
+        lost = [name for name, wid in self.restoring.items() if wid == worker.worker_id]
+        for name in lost:
+            del self.restoring[name]
+        for name in lost:
+            if name in self.runtimes:
+                asyncio.get_running_loop().create_task(
+                    self._decide(lambda state, name=name: self._arrival(name, state), f"{worker.worker_id} left", wait=True))
+
+    def _any_device(self) -> str:
+        """A device for sizes that depend only on its kind (any worker's; the CPU while none has joined)."""
+        return next((w.device for w in self.workers.values()), "cpu")
 
     def _on_worker_exit(self, worker: WorkerHandle) -> None:
         for runtime in self.runtimes.values():
@@ -300,6 +325,8 @@ class ModelManager:
         restore = [name for name, wid in self.restoring.items() if wid == worker.worker_id and name in self.runtimes]
         if restore:
             asyncio.create_task(self._restore(restore, worker.worker_id))
+        elif worker.remote and self._cycle is not None:  # a device joined a running cluster: place what start-up would
+            asyncio.create_task(self._place_at_start(f"{worker.worker_id} joined"))
         now = time.monotonic()
         order = sorted(self.runtimes.values(), key=lambda r: (not r.pinned, -self.rates.rates(now, r.name).request_rate))
         for runtime in order:
@@ -356,7 +383,8 @@ class ModelManager:
 
     def _model_info(self, runtime: ModelRuntime, now: float) -> ModelInfo:
         rates = self.rates.rates(now, runtime.name)
-        kind = (runtime.device or next(iter(self.workers), "cpu")).split(":")[0]
+        worker = self.workers.get(runtime.device) if runtime.device else None
+        kind = (worker.device if worker is not None else self._any_device()).split(":")[0]
         slo = runtime.entry.config.slo
         step_s = runtime.weight_bytes / MEMORY_BANDWIDTH[kind]
         stats = self.workers[runtime.device].model_stats(runtime.name) if runtime.device in self.workers else None

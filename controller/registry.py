@@ -37,6 +37,9 @@ from workers.contract.config import WorkerConfig
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
 
+DEVICE_NAME = re.compile(r"cpu(:\d+)?|cuda:\d+")  # what a worker may drive
+
+
 class RegistryError(Exception):
     """The registry file is unusable. The operator must fix the file; the message names what and where."""
 
@@ -69,6 +72,34 @@ class ServerConfig(_Strict):
     standby_workers: Literal["auto", "always", "never"] = "auto"
     """Keep a spare worker process per device, its imports done (3-4 s), that takes over when the worker
     dies; a waiting spare holds no device memory and about 0.35 GB of host memory. "auto": on GPU devices."""
+
+    worker_listen: str = "127.0.0.1:0"
+    """Where the workers' channel listens, `host:port` (port 0: a free one; the address is logged at
+    start-up). Workers on other hosts (`prism worker --controller tcp://HOST:PORT`) need an address they
+    can reach, a fixed port and `worker_secret_env`."""
+    worker_secret_env: str | None = None
+    """Name of an environment variable holding the channel's secret: a worker joins only with it (every
+    connection is CURVE-authenticated and encrypted with keys derived from it). Unset: a random secret
+    per start that only the workers this controller spawns get, so no other worker can join."""
+    worker_heartbeat_timeout_s: float = Field(10.0, gt=0)
+    """A worker that joined over the network and sends no heartbeat for this long has left: its requests
+    fail and its models are placed on other devices. (A spawned worker's exit is seen at once.)"""
+
+    @field_validator("worker_listen")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            raise ValueError(f"{value!r} is not host:port (for example 0.0.0.0:5555)")
+        return value
+
+    @property
+    def worker_listen_host(self) -> str:
+        return self.worker_listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def worker_listen_port(self) -> int:
+        return int(self.worker_listen.rpartition(":")[2])
 
     def wants_standby(self, device: str) -> bool:
         return self.standby_workers == "always" or (self.standby_workers == "auto" and device.startswith("cuda"))
@@ -232,7 +263,8 @@ class Registry(_Strict):
     devices: list[str] | Literal["auto"] = ["cpu"]
     """Devices to run a worker on: `cpu`, `cuda:N`, or `auto` (every visible GPU, else cpu). Several
     `cpu:N` run that many CPU workers, each with a pool of `memory.cpu_budget_bytes` (placement across
-    devices on a machine without GPUs)."""
+    devices on a machine without GPUs). Empty: no worker here, only workers that join over the network
+    (needs `server.worker_secret_env`)."""
     scheduler: SchedulerConfig = SchedulerConfig()
     memory: MemoryConfig = MemoryConfig()
     models: list[ModelConfig] = Field(min_length=1)
@@ -242,16 +274,21 @@ class Registry(_Strict):
     def _device_names(cls, devices: list[str] | str) -> list[str] | str:
         if devices == "auto":
             return devices
-        if not devices:
-            raise ValueError("needs at least one device")
         for device in devices:
-            if not re.fullmatch(r"cpu(:\d+)?|cuda:\d+", device):
+            if not DEVICE_NAME.fullmatch(device):
                 raise ValueError(f"unknown device {device!r} (use 'cpu', 'cpu:N' or 'cuda:N')")
         if len(set(devices)) != len(devices):
             raise ValueError("lists a device twice")
         if "cpu" in devices and any(d.startswith("cpu:") for d in devices):
             raise ValueError("lists 'cpu' beside 'cpu:N': name every CPU worker 'cpu:N'")
         return devices
+
+    @model_validator(mode="after")
+    def _some_worker_can_come(self) -> Registry:
+        if not self.devices and self.server.worker_secret_env is None:
+            raise ValueError("`devices` is empty and no worker can join: list a device, or set server.worker_secret_env "
+                             "so that workers started with `prism worker` can join")
+        return self
 
     @model_validator(mode="after")
     def _unique_names_and_tokenizers(self) -> Registry:

@@ -23,12 +23,12 @@ from controller.engine_client import EngineClient
 from controller.events import EventLog
 from controller.metrics import Metrics
 from controller.models import ModelManager
-from controller.registry import Registry
+from controller.registry import DEVICE_NAME, Registry
 from controller.registry_ops import RegistryOps
 from controller.serving import OpenAIServing
 from controller.worker_handle import WorkerHandle
 from workers.contract.gc_heap import GcPauses
-from workers.contract.messages import GcStats
+from workers.contract.messages import GcStats, Hello
 
 logger = logging.getLogger("prism.controller")
 
@@ -66,6 +66,7 @@ class Server:
         for model in registry.models:
             if model.device is not None and model.device not in self.devices:
                 raise ValueError(f"model {model.name!r} asks for device {model.device!r}, which is not in `devices` {self.devices}")
+        self._secret = self.channel_secret()
         self.store_prefix = f"prism-weights-{os.getpid()}-"
         self.log_format = log_format
         self.channel: WorkerChannel | None = None
@@ -92,16 +93,57 @@ class Server:
         serving. The in-process HTTP tests stop here: requests are validated and mapped to errors as
         served, and a request that needs a worker waits for one that is never started."""
         self.gc_pauses.install()
-        self.channel = WorkerChannel()
+        server = self.registry.server
+        self.channel = WorkerChannel(server.worker_listen_host, server.worker_listen_port, self._secret)
+        self.channel.on_unknown = self._on_unknown_worker
         self.channel.start()
-        config = self.registry.worker_config(self.store_prefix, self.cache_dir)
+        joinable = "workers with its secret can join" if server.worker_secret_env else "only the workers it spawns can join"
+        logger.info("worker channel listening on %s (%s)", self.channel.address, joinable)
+        self.worker_config = self.registry.worker_config(self.store_prefix, self.cache_dir)
         for device in self.devices:
-            self.workers[device] = WorkerHandle(device, device, self.channel, config, self.log_format,
-                                                standby=self.registry.server.wants_standby(device))
+            self.workers[device] = WorkerHandle(device, device, self.channel, self.worker_config, self.log_format,
+                                                standby=server.wants_standby(device))
         self.manager = ModelManager(self.registry, self._catalog, self.workers, self.metrics, self.events)
         self._catalog = None
         self.client = EngineClient(self.manager, self.registry.server)
         self.serving = OpenAIServing(self.manager, self.client, self.registry.server, self.metrics)
+
+    def channel_secret(self) -> str | None:
+        """The operator's channel secret (`server.worker_secret_env`); None: the channel makes one."""
+        name = self.registry.server.worker_secret_env
+        if name is None:
+            return None
+        secret = os.environ.get(name, "").strip()
+        if not secret:
+            raise ValueError(f"server.worker_secret_env names {name}, which is not set: set it to the secret that "
+                             "workers joining this controller are given")
+        return secret
+
+    def _on_unknown_worker(self, worker_id: str, message) -> None:
+        """A worker this controller did not spawn: one that says Hello joins (it passed the channel's
+        handshake, so it has the secret); anything else from an unknown id is dropped."""
+        if not isinstance(message, Hello):
+            logger.warning("message from unknown worker %r dropped (a worker says Hello first)", worker_id)
+            return
+        if message.worker_id != worker_id or not DEVICE_NAME.fullmatch(message.device) or self.manager is None:
+            logger.error("worker %r refused: its Hello names id %r and device %r (ids must match; devices are cpu, cpu:N "
+                         "or cuda:N)", worker_id, message.worker_id, message.device)
+            return
+        handle = WorkerHandle(worker_id, message.device, self.channel, self.worker_config, self.log_format, remote=True,
+                              heartbeat_timeout_s=self.registry.server.worker_heartbeat_timeout_s)
+        self.workers[worker_id] = handle
+        handle.on_leave = self._on_worker_left
+        self.manager.adopt(handle)
+        self.events.add("worker_joined", None, worker_id, detail=f"{message.device}, pid {message.pid}")
+        logger.info("worker %s joins from the network (%s, pid %d)", worker_id, message.device, message.pid)
+        asyncio.get_running_loop().create_task(handle.start())
+        handle.on_message(message)
+
+    def _on_worker_left(self, handle: WorkerHandle) -> None:
+        self.workers.pop(handle.worker_id, None)
+        self.channel.unregister(handle.worker_id)
+        self.events.add("worker_left", None, handle.worker_id, detail=handle.device)
+        self.manager.forget_worker(handle)
 
     async def launch(self) -> None:
         """Start one worker process per device, then activate what fits."""

@@ -5,7 +5,12 @@ is failed at once (a 5xx, never a hang), pending activations and evictions fail,
 is told that the worker's models are gone (they are activated again on demand). With `standby`, a spare
 worker process waits beside the live one with its imports done (`workers.main --standby`) and takes over
 at once; a new spare starts when the new worker is ready. A worker that connects
-says Hello and gets its configuration (`Configure`) in answer. `activate` and `evict` send the message
+says Hello and gets its configuration (`Configure`) in answer.
+
+A `remote` handle stands for a worker that joined over the network (`prism worker` on another host, or
+a Ray actor): the controller did not start it and cannot see its process. A new process under the same id
+(it says Hello with another pid) replaces the old one as a restart does; a worker that says Goodbye, or
+sends no heartbeat for `heartbeat_timeout_s`, has left (`on_leave`). `activate` and `evict` send the message
 and wait for the worker's reply; `submit` and `abort` carry requests; every heartbeat is handed to the
 model manager, which reconciles what it believes the worker holds with what the worker reports.
 """
@@ -67,9 +72,11 @@ def describe_exit(returncode: int | None) -> str:
 
 class WorkerHandle:
     def __init__(self, worker_id: str, device: str, channel: WorkerChannel, config: WorkerConfig, log_format: str = "text",
-                 standby: bool = False):
+                 standby: bool = False, remote: bool = False, heartbeat_timeout_s: float = 10.0):
         self.worker_id = worker_id
-        self.standby = standby
+        self.standby = standby and not remote
+        self.remote = remote
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.device = device
         self.channel = channel
         self.config = config
@@ -84,6 +91,7 @@ class WorkerHandle:
         self.on_exit: Callable[[WorkerHandle], None] | None = None  # the model manager's hooks
         self.on_ready: Callable[[WorkerHandle], None] | None = None
         self.on_heartbeat: Callable[[WorkerHandle, m.Heartbeat], None] | None = None
+        self.on_leave: Callable[[WorkerHandle], None] | None = None  # a remote worker left (after on_exit)
         self._process: asyncio.subprocess.Process | None = None
         self._standby: asyncio.subprocess.Process | None = None  # the spare, waiting for its go on stdin
         self._supervisor: asyncio.Task | None = None
@@ -99,14 +107,24 @@ class WorkerHandle:
             m.ModelEvicted: self._on_evicted,
             m.StepOutputs: self._on_step_outputs,
             m.Heartbeat: self._on_heartbeat,
+            m.Goodbye: self._on_goodbye,
         }
 
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self._stopping = False
+        if self.remote:  # it is running already: watch its heartbeats instead of its process
+            self.state = "starting"
+            self._supervisor = asyncio.create_task(self._watch_heartbeats(), name=f"watch-{self.worker_id}")
+            return
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name=f"supervise-{self.worker_id}")
+
+    @property
+    def kind(self) -> str:
+        """`cpu` or `cuda`."""
+        return self.device.split(":")[0]
 
     @property
     def standby_pid(self) -> int | None:
@@ -192,9 +210,33 @@ class WorkerHandle:
             self.num_restarts += 1
             await self._spawn()
 
+    async def _watch_heartbeats(self) -> None:
+        """A remote worker has left when it sends nothing for `heartbeat_timeout_s` (from Hello on)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.heartbeat_timeout_s / 4))
+            silent_s = time.monotonic() - self.last_heartbeat_s
+            if self.state in ("starting", "ready") and silent_s > self.heartbeat_timeout_s:
+                self._leave(f"worker {self.worker_id} sent no heartbeat for {silent_s:.1f} s")
+                return
+
+    def _leave(self, reason: str) -> None:
+        """A remote worker is gone for good: fail what it had, then let the model manager place its models elsewhere."""
+        if self.state in ("stopped", "left"):
+            return
+        logger.error("%s; it has left: failing %d in-flight request(s)", reason, len(self.streams))
+        self._lost(reason)
+        self.state = "left"
+        if self._supervisor is not None and self._supervisor is not asyncio.current_task():
+            self._supervisor.cancel()
+        if self.on_leave is not None:
+            self.on_leave(self)
+
     def _on_exit(self, returncode: int | None) -> None:
         reason = f"worker {self.worker_id} exited with {describe_exit(returncode)}"
         logger.error("%s; failing %d in-flight request(s) and restarting it", reason, len(self.streams))
+        self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
         self.state = "dead"
         self._ready.clear()
         self._fail_everything(f"{reason} while serving this request", "internal", WorkerGone(reason))
@@ -214,7 +256,12 @@ class WorkerHandle:
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the worker to exit; kill it if it does not within `timeout_s`. Fails what is still in flight."""
         self._stopping = True
-        process = self._process
+        if self.remote:  # not ours to wait for: ask it to shut down (its supervisor decides what comes next)
+            if self.state == "ready":
+                self.channel.send(self.worker_id, m.Shutdown())
+            process = None
+        else:
+            process = self._process
         if process is not None and process.returncode is None:
             if self.state == "ready":
                 self.channel.send(self.worker_id, m.Shutdown())
@@ -294,6 +341,14 @@ class WorkerHandle:
         self._handlers[type(message)](message)
 
     def _on_hello(self, message: m.Hello) -> None:
+        if self.remote and self.state in ("starting", "ready") and self.pid not in (None, message.pid):
+            # A new process took over the id (a supervisor restarted it): the old one and what it held are gone.
+            logger.error("worker %s: a new process (pid %d) replaces pid %d; failing %d in-flight request(s)",
+                         self.worker_id, message.pid, self.pid, len(self.streams))
+            self._lost(f"worker {self.worker_id} was replaced by a new process")
+        if self.remote:
+            self.state = "starting"
+            self.last_heartbeat_s = time.monotonic()  # the watch counts from Hello
         logger.info("worker %s connected (pid %d, %s); sending its configuration", self.worker_id, message.pid, message.device)
         self.pid = message.pid
         self.channel.send(self.worker_id, m.Configure(self.config))
@@ -333,6 +388,13 @@ class WorkerHandle:
         self.last_heartbeat_s = time.monotonic()
         if self.on_heartbeat is not None and self.state == "ready":
             self.on_heartbeat(self, message)
+
+    def _on_goodbye(self, message: m.Goodbye) -> None:
+        if message.pid != self.pid:
+            return  # an old process's last word, after its successor said Hello
+        logger.info("worker %s (pid %d) says goodbye: %s", self.worker_id, message.pid, message.reason)
+        if self.remote and not self._stopping:
+            self._leave(f"worker {self.worker_id} exited ({message.reason})")
 
     def model_stats(self, name: str) -> m.ModelStats | None:
         beat = self.last_heartbeat

@@ -1,9 +1,13 @@
-"""Worker process entry point: `python -m workers.main --controller tcp://HOST:PORT --device cpu`.
+"""Worker process entry point: `prism worker --controller tcp://HOST:PORT --device cuda:0`
+(`python -m workers.main ...`).
 
-The controller starts one per configured device. The command line says only how to reach the controller
-and which device to drive; the worker's configuration comes from the controller when it connects
-(`workers/contract/config.py`). The channel's secret comes in the environment (`PRISM_WORKER_SECRET`,
-workers/contract/channel_keys.py).
+The controller starts one per configured device; on another host an operator (or a launcher such as
+Ray) starts it, and it joins the controller over the network. The command line says only how to reach
+the controller and which device to drive; the worker's configuration comes from the controller when it
+connects (`workers/contract/config.py`). The channel's secret comes in the environment
+(`PRISM_WORKER_SECRET`, or the variable `--secret-env` names; workers/contract/channel_keys.py), never on
+the command line. A worker that joined exits when it loses its controller (its supervisor starts it
+again and it joins afresh).
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import ctypes.util
 import faulthandler
 import importlib
 import signal
+import socket
 import sys
+
+from workers.contract.channel_keys import SECRET_ENV
 
 # What a worker imports lazily, on its first model: a standby imports it before it is needed (about 3 s of
 # the 4 s a fresh worker spent in imports before its first model was built). Optional where a machine may
@@ -48,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="prism worker", description=__doc__)
     parser.add_argument("--controller", required=True, help="controller channel address, e.g. tcp://127.0.0.1:5555")
     parser.add_argument("--device", default="cpu", help="cpu, cpu:N or cuda:N")
-    parser.add_argument("--worker-id", default=None, help="unique id (default: the device name)")
+    parser.add_argument("--worker-id", default=None,
+                        help="unique id among the controller's workers (default: HOSTNAME/DEVICE; the controller names the "
+                             "workers it spawns by their device)")
+    parser.add_argument("--secret-env", default=SECRET_ENV,
+                        help=f"environment variable holding the controller's channel secret (default: {SECRET_ENV})")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -74,7 +85,15 @@ def main(argv: list[str] | None = None) -> None:
         _import_ahead()
         if sys.stdin.readline().strip() != "go":
             return
-    Worker(args.worker_id or args.device, args.device, args.controller, args.parent_pid).run()
+    from workers.worker import NoConfiguration
+
+    try:
+        worker = Worker(args.worker_id or f"{socket.gethostname()}/{args.device}", args.device, args.controller,
+                        args.parent_pid, args.secret_env)
+        worker.run()
+    except NoConfiguration as exc:
+        print(f"prism worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from memory import PagePool
 from memory.host_store import HostWeightStore
@@ -27,6 +28,9 @@ from workers.device_loop import DeviceLoop
 logger = logging.getLogger("prism.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
+CONNECTION_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 CONFIGURE_TIMEOUT_S = 60.0  # a controller that does not answer Hello by then is not there
 
 
@@ -57,21 +61,28 @@ def make_pool(device: str, config: WorkerConfig) -> PagePool:
 
 
 class Worker:
-    def __init__(self, worker_id: str, device: str, controller_address: str, parent_pid: int | None = None):
+    def __init__(self, worker_id: str, device: str, controller_address: str, parent_pid: int | None = None,
+                 secret_env: str = SECRET_ENV):
         self.worker_id = worker_id
         self.device = device
         self.parent_pid = parent_pid
+        self.controller_address = controller_address
         self.gc_pauses = GcPauses().install()
         self.loop: DeviceLoop | None = None
+        self.exit_reason = "shut down"
         self._last_report = 0.0
+        secret = os.environ.get(secret_env, "").strip()
+        if not secret:
+            raise NoConfiguration(f"{secret_env} is not set: a worker joins its controller only with the channel's secret "
+                                  "(the value of the variable that the registry's server.worker_secret_env names)")
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.IDENTITY, worker_id.encode())
         self._socket.setsockopt(zmq.LINGER, 1000)
-        secret = os.environ.get(SECRET_ENV)
-        if not secret:
-            raise NoConfiguration(f"{SECRET_ENV} is not set: a worker joins its controller only with the channel's secret")
         as_client(self._socket, channel_keys(secret))
+        self._monitor = self._socket.get_monitor_socket(CONNECTION_EVENTS)
+        self._handshaken = False  # the controller accepted this worker's credentials
+        self._lost = False  # the connection dropped after that
         self._socket.connect(controller_address)
 
     def run(self) -> None:
@@ -89,6 +100,9 @@ class Worker:
             if self.loop is not None:
                 self.loop.close()
                 self._flush()
+                self._send(m.Goodbye(self.worker_id, os.getpid(), self.exit_reason))
+            self._socket.disable_monitor()
+            self._monitor.close(0)
             self._socket.close()
             self._context.term()
             self.gc_pauses.uninstall()
@@ -96,8 +110,14 @@ class Worker:
     def _configure(self) -> DeviceLoop:
         """Say Hello, wait for the controller's Configure, build the pool, the store and the loop."""
         self._send(m.Hello(self.worker_id, self.device, os.getpid()))
-        if not self._socket.poll(int(CONFIGURE_TIMEOUT_S * 1000)):
-            raise NoConfiguration(f"the controller did not answer within {CONFIGURE_TIMEOUT_S:.0f} s")
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        deadline = time.monotonic() + CONFIGURE_TIMEOUT_S
+        while self._socket not in dict(poller.poll(max(0, int((deadline - time.monotonic()) * 1000)))):
+            if time.monotonic() >= deadline:
+                raise NoConfiguration(f"the controller at {self.controller_address} did not answer within {CONFIGURE_TIMEOUT_S:.0f} s")
+            self._read_connection_events()
         message = m.decode_to_worker(self._socket.recv())
         if not isinstance(message, m.Configure):
             raise NoConfiguration(f"expected Configure from the controller, got {type(message).__name__}")
@@ -126,9 +146,36 @@ class Worker:
             self._last_report = now
             self.loop.report()
 
+    def _read_connection_events(self) -> None:
+        """Raise `NoConfiguration` if the controller refused the handshake (another secret: it drops the
+        connection before the handshake completes); note a connection made or lost."""
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            kind = event["event"]
+            refused = kind & HANDSHAKE_FAILURES or (kind == zmq.EVENT_DISCONNECTED and not self._handshaken)
+            if refused:
+                raise NoConfiguration(f"the controller at {self.controller_address} refused this worker's credentials: its "
+                                      "secret is not this worker's (check the variable the registry's server.worker_secret_env names)")
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self._lost = True
+
     def _controller_alive(self) -> bool:
-        if self.parent_pid is not None and os.getppid() != self.parent_pid:
-            logger.warning("controller (pid %d) is gone; worker exits", self.parent_pid)
+        if self.parent_pid is not None:
+            if os.getppid() != self.parent_pid:
+                logger.warning("controller (pid %d) is gone; worker exits", self.parent_pid)
+                return False
+            return True
+        # A worker that joined over the network: the controller is gone when its connection is (a supervisor
+        # such as Ray or systemd starts the worker again, and it joins afresh).
+        self._read_connection_events()
+        if self._lost:
+            logger.warning("lost the connection to the controller at %s; worker exits", self.controller_address)
+            self.exit_reason = "lost its controller"
             return False
         return True
 

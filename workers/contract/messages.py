@@ -1,14 +1,15 @@
 """Typed messages between the controller and a worker (msgpack over one ZMQ channel per worker).
 
 Controller -> worker: Configure, Prepare, Activate, CancelActivation, Evict, Forget, Generate, Abort, Shutdown.
-Worker -> controller: Hello, WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat.
+Worker -> controller: Hello, WorkerReady, ModelActivated, ModelEvicted, StepOutputs, Heartbeat, Goodbye.
 
 A worker's life on the channel: it connects and says `Hello`; the controller answers `Configure` (the
 worker's whole configuration, once); the worker builds its page pool and says `WorkerReady`; then
 requests, activations and evictions flow, and a `Heartbeat` every second reports what the worker holds.
 Messages of one worker arrive in the order they were sent, and the worker sends its state just before
 every reply to an activation or eviction, so the controller never sees a reply before the state that
-goes with it.
+goes with it. A worker that exits cleanly says `Goodbye` last: a worker the controller did not spawn
+(it joined over the network) leaves at once instead of when its heartbeats stop.
 
 Pydantic never crosses the process boundary: these are msgspec structs, tagged so that one decoder
 reads every message type of a direction.
@@ -229,7 +230,15 @@ class Heartbeat(msgspec.Struct, tag=True):
     gc: GcStats | None = None  # None from a worker that does not report it
 
 
-FromWorker = Hello | WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat
+class Goodbye(msgspec.Struct, tag=True):
+    """The worker is exiting (shut down, or it lost its controller); nothing more comes from it."""
+
+    worker_id: str
+    pid: int
+    reason: str
+
+
+FromWorker = Hello | WorkerReady | ModelActivated | ModelEvicted | StepOutputs | Heartbeat | Goodbye
 
 _to_worker_encoder = msgspec.msgpack.Encoder()
 _to_worker_decoder = msgspec.msgpack.Decoder(ToWorker)
