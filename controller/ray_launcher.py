@@ -21,6 +21,7 @@ from controller.registry import RayConfig
 logger = logging.getLogger("prism.controller")
 
 ANY_ADDRESS = ("0.0.0.0", "::", "")
+LOCAL_OBJECT_STORE_BYTES = 80 * 2**20  # the workers pass nothing through Ray's object store
 
 
 class WorkerActor:
@@ -45,40 +46,73 @@ class WorkerActor:
 
 
 class RayLauncher:
+    """Ray is driven from one thread of its own, from `ray.init` to `ray.shutdown`: the processes a local
+    Ray instance starts die with the thread that started them (their parent-death signal follows the
+    thread), so that thread must live as long as the cluster is used."""
+
     def __init__(self, config: RayConfig, channel_address: str, secret: str):
         self.config = config
         self.channel_address = channel_address
         self.secret = secret
-        self.actors: dict[str, object] = {}
-        self._started_ray = False
+        self.worker_ids: list[str] = []
+        self.error: BaseException | None = None
+        self._actors: list[object] = []
+        self._started = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-launcher", daemon=True)
 
-    def start(self) -> list[str]:
+    def start(self, timeout_s: float) -> list[str]:
         """Connect to (or start) the Ray cluster and start the worker actors; their worker ids. Blocking."""
+        self._thread.start()
+        if not self._started.wait(timeout_s):
+            raise RuntimeError(f"Ray did not start within {timeout_s:.0f} s")
+        if self.error is not None:
+            raise RuntimeError(f"Ray: {type(self.error).__name__}: {self.error}") from self.error
+        return self.worker_ids
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Kill the worker actors (their workers exit with them); disconnect from Ray, shutting down an
+        instance started here. Blocking."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
         import ray
 
-        if not ray.is_initialized():
-            local = self.config.address == "local"
-            options = {"num_cpus": self.config.local_num_cpus, "object_store_memory": 80 * 2**20} if local else {}
-            ray.init(address=None if local else self.config.address, include_dashboard=False, logging_level=logging.WARNING,
-                     **options)
-            self._started_ray = local
+        try:
+            self._launch(ray)
+        except BaseException as exc:  # reported by start()
+            self.error = exc
+        finally:
+            self._started.set()
+        self._stop.wait()
+        for actor in self._actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already gone
+                pass
+        if ray.is_initialized():
+            ray.shutdown()
+
+    def _launch(self, ray) -> None:
+        local = self.config.address == "local"
+        options = {"num_cpus": self.config.local_num_cpus, "object_store_memory": LOCAL_OBJECT_STORE_BYTES} if local else {}
+        ray.init(address=None if local else self.config.address, include_dashboard=False, logging_level=logging.WARNING,
+                 **options)
         address = self._address_for_workers(ray.util.get_node_ip_address())
         gpus = int(ray.cluster_resources().get("GPU", 0))
         actor = ray.remote(max_restarts=-1, max_task_retries=0)(WorkerActor)
         level = logging.getLevelName(logging.getLogger("prism").getEffectiveLevel())
-        for i in range(gpus):
-            worker_id = f"ray-gpu-{i}"
-            self.actors[worker_id] = actor.options(name=f"prism-{worker_id}-{os.getpid()}", num_gpus=1, num_cpus=self.config.cpus_per_worker
-                                                   ).remote(address, worker_id, "cuda:0", self.secret, level)
-        for i in range(self.config.cpu_workers):
-            worker_id = f"ray-cpu-{i}"
-            self.actors[worker_id] = actor.options(name=f"prism-{worker_id}-{os.getpid()}", num_cpus=self.config.cpus_per_worker
-                                                   ).remote(address, worker_id, "cpu", self.secret, level)
-        logger.info("Ray: started %d worker actor(s) (%d GPU, %d CPU) joining %s", len(self.actors), gpus,
+        devices = [(f"ray-gpu-{i}", "cuda:0", 1) for i in range(gpus)] + [(f"ray-cpu-{i}", "cpu", 0) for i in range(self.config.cpu_workers)]
+        for worker_id, device, num_gpus in devices:
+            self._actors.append(actor.options(name=f"prism-{worker_id}-{os.getpid()}", num_gpus=num_gpus,
+                                              num_cpus=self.config.cpus_per_worker).remote(address, worker_id, device, self.secret, level))
+            self.worker_ids.append(worker_id)
+        logger.info("Ray: started %d worker actor(s) (%d for GPUs, %d for CPUs) that join %s", len(devices), gpus,
                     self.config.cpu_workers, address)
-        if not self.actors:
+        if not devices:
             logger.error("Ray: the cluster has no GPU and ray.cpu_workers is 0: no worker will join")
-        return list(self.actors)
 
     def _address_for_workers(self, node_ip: str) -> str:
         """The channel's address as the actors reach it: a wildcard listen address means this node's IP."""
@@ -87,16 +121,3 @@ class RayLauncher:
         if host in ANY_ADDRESS:
             return f"tcp://{node_ip}:{port}"
         return self.channel_address
-
-    def stop(self) -> None:
-        """Kill the worker actors (their workers exit with them); shut down a Ray instance started here. Blocking."""
-        import ray
-
-        for actor in self.actors.values():
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception:  # already gone
-                pass
-        self.actors.clear()
-        if ray.is_initialized():
-            ray.shutdown()

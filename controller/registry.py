@@ -105,6 +105,20 @@ class ServerConfig(_Strict):
         return self.standby_workers == "always" or (self.standby_workers == "auto" and device.startswith("cuda"))
 
 
+class RayConfig(_Strict):
+    """Workers launched on a Ray cluster as actors running `prism worker` (controller/ray_launcher.py)."""
+
+    address: str = "auto"
+    """The cluster: `auto` (the one `ray start` runs on this host), `ray://HOST:PORT`, or `local` (a Ray
+    instance started on this machine and shut down with the controller)."""
+    cpu_workers: int = Field(0, ge=0)
+    """CPU workers to launch, besides one for each GPU of the cluster."""
+    cpus_per_worker: float = Field(1.0, ge=0)
+    """Ray CPUs each worker actor reserves."""
+    local_num_cpus: int | None = Field(None, ge=1)
+    """`address: local`: the CPUs that instance offers (default: all of this machine's)."""
+
+
 class SchedulerConfig(_Strict):
     policy: Literal["prism", "static", "swap"] = "prism"
     """Placement and eviction policy: `prism` (default), or the `static` / `swap` baselines."""
@@ -265,6 +279,8 @@ class Registry(_Strict):
     `cpu:N` run that many CPU workers, each with a pool of `memory.cpu_budget_bytes` (placement across
     devices on a machine without GPUs). Empty: no worker here, only workers that join over the network
     (needs `server.worker_secret_env`)."""
+    ray: RayConfig | None = None
+    """Also launch workers on a Ray cluster (one per GPU, plus `cpu_workers`); they join over the network."""
     scheduler: SchedulerConfig = SchedulerConfig()
     memory: MemoryConfig = MemoryConfig()
     models: list[ModelConfig] = Field(min_length=1)
@@ -285,9 +301,9 @@ class Registry(_Strict):
 
     @model_validator(mode="after")
     def _some_worker_can_come(self) -> Registry:
-        if not self.devices and self.server.worker_secret_env is None:
-            raise ValueError("`devices` is empty and no worker can join: list a device, or set server.worker_secret_env "
-                             "so that workers started with `prism worker` can join")
+        if not self.devices and self.server.worker_secret_env is None and self.ray is None:
+            raise ValueError("`devices` is empty and no worker can join: list a device, set server.worker_secret_env so "
+                             "that workers started with `prism worker` can join, or launch workers on Ray (`ray:`)")
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,7 @@ from controller.engine_client import EngineClient
 from controller.events import EventLog
 from controller.metrics import Metrics
 from controller.models import ModelManager
+from controller.ray_launcher import RayLauncher
 from controller.registry import DEVICE_NAME, Registry
 from controller.registry_ops import RegistryOps
 from controller.serving import OpenAIServing
@@ -31,6 +32,8 @@ from workers.contract.gc_heap import GcPauses
 from workers.contract.messages import GcStats, Hello
 
 logger = logging.getLogger("prism.controller")
+
+RAY_START_TIMEOUT_S = 300.0  # connecting to (or starting) the cluster and creating the actors
 
 
 def resolve_devices(devices: list[str] | str) -> list[str]:
@@ -70,6 +73,7 @@ class Server:
         self.store_prefix = f"prism-weights-{os.getpid()}-"
         self.log_format = log_format
         self.channel: WorkerChannel | None = None
+        self.launcher: RayLauncher | None = None
         self.workers: dict[str, WorkerHandle] = {}
         self.events = EventLog()
         self.gc_pauses = GcPauses()
@@ -129,8 +133,10 @@ class Server:
             logger.error("worker %r refused: its Hello names id %r and device %r (ids must match; devices are cpu, cpu:N "
                          "or cuda:N)", worker_id, message.worker_id, message.device)
             return
+        launched = self.launcher is not None and worker_id in self.launcher.worker_ids
         handle = WorkerHandle(worker_id, message.device, self.channel, self.worker_config, self.log_format, remote=True,
-                              heartbeat_timeout_s=self.registry.server.worker_heartbeat_timeout_s)
+                              heartbeat_timeout_s=self.registry.server.worker_heartbeat_timeout_s,
+                              shutdown_on_stop=not launched)  # Ray's actors are killed, and their workers with them
         self.workers[worker_id] = handle
         handle.on_leave = self._on_worker_left
         self.manager.adopt(handle)
@@ -146,8 +152,11 @@ class Server:
         self.manager.forget_worker(handle)
 
     async def launch(self) -> None:
-        """Start one worker process per device, then activate what fits."""
+        """Start one worker process per device and the Ray workers, if any; then activate what fits."""
         await asyncio.gather(*(worker.start() for worker in self.workers.values()))
+        if self.registry.ray is not None:
+            self.launcher = RayLauncher(self.registry.ray, self.channel.address, self.channel.secret)
+            await asyncio.to_thread(self.launcher.start, RAY_START_TIMEOUT_S)
         await self.manager.start()
 
     def health(self) -> dict:
@@ -181,7 +190,7 @@ class Server:
     @staticmethod
     def _worker_report(worker: WorkerHandle) -> dict:
         report = {"state": worker.state, "pid": worker.pid, "standby_pid": worker.standby_pid, "restarts": worker.num_restarts,
-                  "device": worker.device}
+                  "device": worker.device, "joined": worker.remote}
         beat = worker.last_heartbeat
         if beat is not None:
             report["pool"] = msgspec.to_builtins(beat.pool)
@@ -197,7 +206,9 @@ class Server:
                 await asyncio.sleep(0.05)
         if self.manager is not None:
             await self.manager.stop()
-        await asyncio.gather(*(worker.stop() for worker in self.workers.values()))
+        await asyncio.gather(*(worker.stop() for worker in list(self.workers.values())))
+        if self.launcher is not None:
+            await asyncio.to_thread(self.launcher.stop)
         if self.channel is not None:
             await self.channel.close()
         self.gc_pauses.uninstall()

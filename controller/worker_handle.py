@@ -72,11 +72,12 @@ def describe_exit(returncode: int | None) -> str:
 
 class WorkerHandle:
     def __init__(self, worker_id: str, device: str, channel: WorkerChannel, config: WorkerConfig, log_format: str = "text",
-                 standby: bool = False, remote: bool = False, heartbeat_timeout_s: float = 10.0):
+                 standby: bool = False, remote: bool = False, heartbeat_timeout_s: float = 10.0, shutdown_on_stop: bool = True):
         self.worker_id = worker_id
         self.standby = standby and not remote
         self.remote = remote
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.shutdown_on_stop = shutdown_on_stop  # remote: ask it to exit when the controller stops (else its launcher stops it)
         self.device = device
         self.channel = channel
         self.config = config
@@ -257,7 +258,7 @@ class WorkerHandle:
         """Ask the worker to exit; kill it if it does not within `timeout_s`. Fails what is still in flight."""
         self._stopping = True
         if self.remote:  # not ours to wait for: ask it to shut down (its supervisor decides what comes next)
-            if self.state == "ready":
+            if self.state == "ready" and self.shutdown_on_stop:
                 self.channel.send(self.worker_id, m.Shutdown())
             process = None
         else:

@@ -156,7 +156,8 @@ async def devices(request: Request) -> dict:
         pool = beat.pool if beat else None
         page = pool.page_bytes if pool else int(server.registry.memory.page_bytes)
         result[device] = {
-            "worker": {"state": worker.state, "pid": worker.pid, "restarts": worker.num_restarts},
+            "worker": {"state": worker.state, "pid": worker.pid, "restarts": worker.num_restarts, "device": worker.device,
+                       "joined": worker.remote},
             "budget_bytes": pool.budget_bytes if pool else worker.pool_budget_bytes,
             "weights_bytes": sum(pool.weight_pages_by_model.values()) * page if pool else 0,
             "kv_mapped_bytes": sum(pool.kv_pages_by_model.values()) * page if pool else 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,28 @@ def test_several_cpu_devices_are_named_cpu_n_and_plain_cpu_cannot_join_them(tmp_
     """)
 
 
+def test_no_devices_needs_a_way_for_workers_to_join(tmp_path):
+    assert "`devices` is empty and no worker can join" in problems(tmp_path, """
+        devices: []
+        models: [{name: a, path: .}]
+    """)
+    for joinable in ("server: {worker_secret_env: SECRET}", "ray: {address: local, cpu_workers: 1}"):
+        registry = load_registry(write(tmp_path, f"devices: []\n{joinable}\nmodels: [{{name: a, path: .}}]\n"))
+        assert registry.devices == []
+
+
+def test_worker_listen_is_host_and_port(tmp_path):
+    assert "is not host:port" in problems(tmp_path, """
+        server: {worker_listen: "0.0.0.0"}
+        models: [{name: a, path: .}]
+    """)
+    server = load_registry(write(tmp_path, """
+        server: {worker_listen: "[::]:5555"}
+        models: [{name: a, path: .}]
+    """)).server
+    assert (server.worker_listen_host, server.worker_listen_port) == ("::", 5555)
+
+
 def test_not_yaml_and_not_a_mapping(tmp_path):
     assert "not valid YAML" in problems(tmp_path, "models: [a, b\n")
     assert "top level must be a mapping" in problems(tmp_path, "- just a list\n")
@@ -136,3 +159,18 @@ def test_cli_prints_problems_and_exits_nonzero_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "field 'server.port'" in result.stderr and str(path) in result.stderr
+
+
+def test_a_channel_secret_variable_that_is_not_set_is_refused_at_start(tmp_path):
+    path = write(tmp_path, """
+        server: {worker_secret_env: PRISM_TEST_UNSET_SECRET}
+        models:
+          - name: m1
+            load_format: dummy
+            config: %s
+    """ % (default_registry_path().parent / "tiny-llama.json"))
+    env = {k: v for k, v in os.environ.items() if k != "PRISM_TEST_UNSET_SECRET"}
+    result = subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--config", str(path)], capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "PRISM_TEST_UNSET_SECRET, which is not set" in result.stderr

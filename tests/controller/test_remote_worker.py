@@ -77,6 +77,7 @@ def test_workers_started_apart_join_with_the_secret_and_serve(cluster):
     health = server.health()
     assert set(health["workers"]) == set(workers)
     assert {w["pid"] for w in health["workers"].values()} == {p.pid for p in workers.values()}
+    assert all(w["joined"] and w["device"] == "cpu" for w in health["workers"].values())
     assert health["models"][SMOL]["device"] in workers
     assert served(server, SMOL)
     assert "worker remote-a joins from the network" in server.log()
