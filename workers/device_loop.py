@@ -48,8 +48,9 @@ logger = logging.getLogger("prism.worker")
 
 STAGING_THREADS = 2  # host images filled at once: enough to overlap disk or device work with a copy
 GRAPHS_DUE_S = 5.0  # an active model runs eager at most this long under load before its graphs are captured
-IDLE_BEFORE_CAPTURE_S = 0.5  # a capture (0.5-1.2 s, the loop stopped) waits for this much idleness: not for a
-# request that arrives just after an activation's reply (a restore's captures held first tokens back 1-3 s)
+IDLE_BEFORE_CAPTURE_S = 0.5  # a capture (0.5-1.2 s, the loop stopped) or a heap freeze (two full collections) waits
+# for this much idleness: not for a request that arrives just after an activation's reply (a restore's captures
+# held first tokens back 1-3 s; a freeze run at the first idle turn held every cold request's first token back)
 
 
 class DeviceLoop:
@@ -101,10 +102,13 @@ class DeviceLoop:
         for outcome in self.steps.advance():
             self._publish(outcome)
         self._capture_graphs()
-        if not self.scheduler.has_work():
-            if self._freeze_when_idle:  # a full collection, off every request's path
-                self._freeze_when_idle = False
-                logger.info("after activations: %s", freeze_heap().describe())
+        if self._freeze_when_idle and self._idle_for(self.idle_before_capture_s):  # off every request's path
+            self._freeze_when_idle = False
+            logger.info("after activations: %s", freeze_heap().describe())
+
+    def _idle_for(self, seconds: float) -> bool:
+        """No step queued and no activation waiting for at least `seconds` (as of the last `_capture_graphs`)."""
+        return self._idle_since is not None and time.perf_counter() - self._idle_since >= seconds
 
     def report(self) -> None:
         """Give idle KV pages back, top up the pool's reserve, and send the state (a heartbeat)."""
@@ -315,7 +319,7 @@ class DeviceLoop:
                 return
             self.finish_running_step()  # the capture must not overlap a step on another stream
             candidates = due[:1]
-        elif now - self._idle_since < self.idle_before_capture_s:
+        elif not self._idle_for(self.idle_before_capture_s):
             return
         else:
             candidates = [*self._eager_since, *(

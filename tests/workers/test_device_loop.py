@@ -14,6 +14,7 @@ import pytest
 from memory.host_store import HostWeightStore
 from tests.factories import make_pool
 from workers.contract import messages as m
+from workers.contract.gc_heap import FreezeReport
 from workers.device_loop import DeviceLoop
 from workers.engine.llama import rope_inv_freq
 
@@ -21,6 +22,7 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny-llama.json"
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 1024}
 GREEDY = m.SamplingParams(temperature=0.0, max_tokens=6, min_tokens=6)
+FREEZE_REPORT = FreezeReport(0, 0.0, 0.0)
 
 
 def spec(name: str, seed: int, **config) -> m.ModelSpec:
@@ -258,3 +260,30 @@ def test_gpu_a_restarted_worker_serves_from_surviving_images_before_pinning_or_c
         loop.store.drop_all(unlink=True)
         for leftover in Path("/dev/shm").glob(prefix + "*"):
             leftover.unlink()
+
+
+def test_the_heap_freeze_after_an_activation_waits_for_idleness_not_for_the_first_idle_turn(tmp_path, monkeypatch):
+    """Regression: the worker froze its heap (two full collections) at its first turn without work after an
+    activation, which is the moment the request that caused it is on its way: its first token waited for them."""
+    frozen = []
+    monkeypatch.setattr("workers.device_loop.freeze_heap", lambda: frozen.append(time.perf_counter()) or FREEZE_REPORT)
+    store = HostWeightStore(256 * 2**20, tmp_path, "prism-test-")
+    loop = DeviceLoop("test", "cpu", make_pool(256 * 2**20), store, local_policy="prism", tpot_target="request", overlap_steps=True,
+                      idle_before_capture_s=0.3)
+    try:
+        loop.handle(m.Activate(spec("cold", 1)))
+        loop.settle()
+        activated_s = time.perf_counter()
+        assert [r.error for r in replies(loop, m.ModelActivated)] == [None]
+        loop.step()  # the first idle turn: the request is in transit
+        assert frozen == []
+        loop.handle(m.Generate("r1", "cold", [5, 6, 7], GREEDY, time.time()))
+        while loop.has_work():
+            loop.step()
+        assert frozen == []  # not between its steps either
+        deadline = time.perf_counter() + 30
+        while not frozen and time.perf_counter() < deadline:
+            loop.step()
+        assert frozen and frozen[0] - activated_s >= 0.3  # once the device has been idle that long
+    finally:
+        loop.close()
