@@ -57,13 +57,19 @@ def cluster(tmp_path_factory, prepared_smollm2):
     workers = {wid: start_worker(address, wid, SECRET) for wid in ("remote-a", "remote-b")}
     server = None
     try:
-        server = start_server(path, env={SECRET_ENV: SECRET})
+        server = start_server(path, env={SECRET_ENV: SECRET})  # healthy once the workers that joined so far are ready
+        wait_until(lambda: all_joined(server, workers), 120, 0.2, "both workers joined and ready")
         yield server, address, workers
     finally:
         if server is not None:
             stop_server(server)
         for process in workers.values():
             stop_worker(process)
+
+
+def all_joined(server, workers: dict) -> bool:
+    joined = server.health()["workers"]
+    return set(joined) == set(workers) and all(w["state"] == "ready" for w in joined.values())
 
 
 def served(server, model: str) -> bool:
