@@ -281,6 +281,7 @@ class DeviceLoop:
         times.stage_s += waited  # the wait for its preparation was on the activation's path
         times.total_s += waited
         self._failed.pop(spec.name, None)
+        self._idle_since = None  # idleness counts from after the activation: its request is on its way now
         self.scheduler.add_model(model_queue(engine))
         if not engine.graphs_captured:
             self._eager_since[spec.name] = time.perf_counter()
