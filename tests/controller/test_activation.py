@@ -207,6 +207,35 @@ def test_registry_reload_adds_and_removes_models(server):
     assert "tiny-new" in states(server)
 
 
+def test_a_failed_update_leaves_the_model_as_it_was(server):
+    """Regression: PUT with a config path that does not exist answered 400 and the model was gone."""
+    tiny_config = str(default_registry_path().parent / "tiny-llama.json")
+    body = {"name": "tiny-kept", "load_format": "dummy", "config": tiny_config, "tokenizer": SMOL[0], "seed": 7}
+    assert admin(server, "POST", "/models", json=body).status_code == 201
+    before = complete(server, "tiny-kept").choices[0].text
+    bad = admin(server, "PUT", "/models/tiny-kept", json={**body, "config": "/no/such/config.json"})
+    assert bad.status_code == 400 and "no such file" in bad.json()["error"]["message"]
+    assert states(server)["tiny-kept"] in ("active", "inactive")
+    assert complete(server, "tiny-kept").choices[0].text == before  # the same model, still served
+    assert admin(server, "DELETE", "/models/tiny-kept").status_code == 200
+
+
+def test_a_reload_whose_changed_model_cannot_be_prepared_changes_nothing(server, tmp_path):
+    """Regression: a reload removed a changed model, failed to prepare its new version, and added nothing."""
+    garbage = tmp_path / "config.json"
+    garbage.write_text("{not json")
+    served_now = set(states(server))
+    models = [m for m in server.models if m["name"] != "smol-c"]
+    models.append({**next(m for m in server.models if m["name"] == TINY), "name": "tiny-new"})
+    models = [{**m, "config": str(garbage)} if m["name"] == TINY else m for m in models]
+    models.append({**next(m for m in server.models if m["name"] == TINY), "name": "tiny-newest"})
+    server.registry_path.write_text(registry_text(models))
+    refused = admin(server, "POST", "/registry/reload")
+    assert refused.status_code == 400 and "nothing changed" in refused.json()["error"]["message"]
+    assert set(states(server)) == served_now and "tiny-newest" not in served_now
+    assert complete(server, TINY).usage.completion_tokens == 4
+
+
 def test_metrics_count_activations_and_evictions(server):
     text = httpx.get(server.base_url + "/metrics").text
     assert 'prism:model_activations_total{model_name="smol-a",outcome="ok"}' in text
