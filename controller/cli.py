@@ -69,7 +69,10 @@ def serve(args: argparse.Namespace) -> None:
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30, log_config=None)
     # Imports, catalog and tokenizers live as long as the process: full collections need not walk them.
     logger.info("start-up heap: %s", freeze_heap().describe())
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised the signal
+        raise SystemExit(130) from None
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

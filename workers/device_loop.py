@@ -152,7 +152,10 @@ class DeviceLoop:
             self._publish(outcome)
 
     def close(self) -> None:
+        """Stop: requests still unfinished fail ("the worker is shutting down"), every model is unloaded."""
         self.finish_running_step()
+        for name in list(self.scheduler.queues):
+            self._evict(name, "the worker is shutting down")
         self._staging_threads.shutdown(wait=True, cancel_futures=True)  # no thread may fill into a closed image
         self._pin_thread.shutdown(wait=True, cancel_futures=True)
         for engine in self.engines.values():

@@ -77,7 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.log_level, args.log_format, f"worker[{args.device}]")
     if args.parent_pid is not None:
         _die_with_parent()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # Ctrl-C in a terminal signals the whole process group: the controller drains its requests, then
+        # stops its workers; a worker that stopped on its own would fail the requests it runs.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # until the worker runs (a standby: at once)
 
     from workers.worker import Worker
 
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker = Worker(args.worker_id or f"{socket.gethostname()}/{args.device}", args.device, args.controller,
                         args.parent_pid, args.secret_env)
+        stop = lambda signum, _frame: worker.request_stop(f"stopped by {signal.Signals(signum).name}")  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        if args.parent_pid is None:
+            signal.signal(signal.SIGINT, stop)
         worker.run()
     except NoConfiguration as exc:
         print(f"prism worker: {exc}", file=sys.stderr, flush=True)

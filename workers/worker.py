@@ -71,6 +71,7 @@ class Worker:
         self.loop: DeviceLoop | None = None
         self.exit_reason = "shut down"
         self._last_report = 0.0
+        self._stop_reason: str | None = None
         secret = os.environ.get(secret_env, "").strip()
         if not secret:
             raise NoConfiguration(f"{secret_env} is not set: a worker joins its controller only with the channel's secret "
@@ -91,7 +92,7 @@ class Worker:
             logger.info("start-up heap: %s", freeze_heap().describe())  # full collections would walk it every time
             pool = self.loop.pool
             self._send(m.WorkerReady(self.worker_id, self.device, os.getpid(), pool.budget_pages * pool.page_bytes))
-            while not self.loop.stopping and self._controller_alive():
+            while not self.loop.stopping and self._stop_reason is None and self._controller_alive():
                 self._drain_inbox(self.loop.poll_timeout_ms)
                 self.loop.step()
                 self._report_if_due()
@@ -106,6 +107,13 @@ class Worker:
             self._socket.close()
             self._context.term()
             self.gc_pauses.uninstall()
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the end of the current turn (from a signal handler): unfinished requests fail, the
+        controller is told Goodbye. Before the loop exists there is nothing to finish: exit at once."""
+        if self.loop is None:
+            raise SystemExit(0)
+        self._stop_reason = self.exit_reason = reason
 
     def _configure(self) -> DeviceLoop:
         """Say Hello, wait for the controller's Configure, build the pool, the store and the loop."""

@@ -106,3 +106,65 @@ def test_shutdown_stops_the_workers_no_orphans(tmp_path_factory, prepared_smollm
     assert stop_server(server) in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in server.log()
     wait_until(lambda: not pid_alive(worker_pid) and not pid_alive(standby_pid), 10, what="the worker and its standby to exit with the controller")
+
+
+def test_ctrl_c_to_the_process_group_lets_a_running_stream_finish(tmp_path_factory, prepared_smollm2):
+    """Regression: Ctrl-C (SIGINT to the whole process group, as a terminal sends it) with a request in
+    flight killed the worker with `AssertionError: deactivating an engine that still holds KV blocks`, and
+    the stream got an error instead of finishing; idle, the worker printed a KeyboardInterrupt traceback."""
+    registry = default_registry()
+    registry["server"]["standby_workers"] = "always"
+    server = start_server(write_registry(tmp_path_factory.mktemp("ctrl-c"), registry))
+    worker_pid = server.worker_pid()
+    standby_pid = wait_until(lambda: server.health()["workers"]["cpu"]["standby_pid"], 120, 0.2, "a standby worker")
+
+    async def stream_through_ctrl_c() -> tuple[int, str | None]:
+        client = make_client(server)
+        stream = await client.completions.create(model=SMOL, prompt="Once upon a time", stream=True, max_tokens=48,
+                                                 extra_body={"ignore_eos": True})
+        chunks, finish = 0, None
+        async for chunk in stream:
+            chunks += 1
+            finish = chunk.choices[0].finish_reason or finish
+            if chunks == 2:
+                os.killpg(server.process.pid, signal.SIGINT)  # the server leads its process group, as in a terminal
+        return chunks, finish
+
+    try:
+        chunks, finish = asyncio.run(stream_through_ctrl_c())
+        server.process.wait(60)
+    finally:
+        stop_server(server)
+    assert finish == "length" and chunks >= 48  # drained, not cut
+    assert "Traceback" not in server.log() and "KeyboardInterrupt" not in server.log()
+    assert "Application shutdown complete" in server.log()
+    wait_until(lambda: not pid_alive(worker_pid) and not pid_alive(standby_pid), 10, what="no worker left")
+
+
+def test_a_worker_stopped_with_requests_in_flight_fails_them_and_exits_cleanly(tmp_path_factory, prepared_smollm2):
+    """A worker told to stop by a signal while it runs a request fails that request with an error (it used
+    to die on `deactivating an engine that still holds KV blocks`) and is replaced."""
+    server = start_server(write_registry(tmp_path_factory.mktemp("worker-sigterm"), default_registry()))
+    worker_pid = server.worker_pid()
+
+    async def stream_through_sigterm() -> Exception | None:
+        client = make_client(server)
+        stream = await client.completions.create(model=SMOL, prompt="Once upon a time", stream=True, **LONG)
+        try:
+            chunks = 0
+            async for _ in stream:
+                chunks += 1
+                if chunks == 2:
+                    os.kill(worker_pid, signal.SIGTERM)
+        except openai.APIError as exc:
+            return exc
+        return None
+
+    try:
+        error = asyncio.run(stream_through_sigterm())
+        assert error is not None and "shutting down" in str(error)
+        wait_until(lambda: not pid_alive(worker_pid), 30, what="the worker to exit")
+        assert "still holds KV blocks" not in server.log() and "Traceback" not in server.log()
+        wait_until(lambda: server.health()["status"] == "ok", 120, 0.2, "a new worker")
+    finally:
+        stop_server(server)
