@@ -11,6 +11,7 @@ import asyncio
 import glob
 import logging
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -34,6 +35,46 @@ from workers.contract.messages import GcStats, Hello
 logger = logging.getLogger("prism.controller")
 
 RAY_START_TIMEOUT_S = 300.0  # connecting to (or starting) the cluster and creating the actors
+
+
+STORE_PREFIX = "prism-weights-{pid}-"  # a controller's weight images in the host store: removed when it stops
+_IMAGE_NAME = re.compile(r"prism-weights-(\d+)-")
+
+
+def sweep_orphan_images(store_dir: Path) -> None:
+    """Remove the weight images (and their lock and completion files) of controllers that are gone: one
+    killed with SIGKILL could not remove its own, and they hold host memory (a tmpfs) until deleted."""
+    gone: dict[int, list[Path]] = {}
+    for path in store_dir.glob("prism-weights-*"):
+        match = _IMAGE_NAME.match(path.name)
+        if match and not _controller_alive(int(match.group(1))):
+            gone.setdefault(int(match.group(1)), []).append(path)
+    if not gone:
+        return
+    freed = 0
+    for paths in gone.values():
+        for path in paths:
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass  # another controller swept it meanwhile
+    logger.warning("removed %.2f GiB of weight images in %s left by controllers that are gone (pid %s)", freed / 2**30,
+                   store_dir, ", ".join(map(str, sorted(gone))))
+
+
+def _controller_alive(pid: int) -> bool:
+    """Whether `pid` is a running prism-serve controller (a reused pid of another program is not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            words = cmdline.read().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except OSError:  # another user's process: not ours to judge
+        return True
+    return b"serve" in words and any(w.endswith((b"prism", b"controller.cli")) for w in words)
 
 
 def resolve_devices(devices: list[str] | str) -> list[str]:
@@ -70,7 +111,7 @@ class Server:
             if model.device is not None and model.device not in self.devices:
                 raise ValueError(f"model {model.name!r} asks for device {model.device!r}, which is not in `devices` {self.devices}")
         self._secret = self.channel_secret()
-        self.store_prefix = f"prism-weights-{os.getpid()}-"
+        self.store_prefix = STORE_PREFIX.format(pid=os.getpid())
         self.log_format = log_format
         self.channel: WorkerChannel | None = None
         self.launcher: RayLauncher | None = None
@@ -97,6 +138,7 @@ class Server:
         serving. The in-process HTTP tests stop here: requests are validated and mapped to errors as
         served, and a request that needs a worker waits for one that is never started."""
         self.gc_pauses.install()
+        sweep_orphan_images(self.registry.memory.host_store_dir)
         server = self.registry.server
         self.channel = WorkerChannel(server.worker_listen_host, server.worker_listen_port, self._secret)
         self.channel.on_unknown = self._on_unknown_worker

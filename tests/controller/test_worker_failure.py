@@ -168,3 +168,28 @@ def test_a_worker_stopped_with_requests_in_flight_fails_them_and_exits_cleanly(t
         wait_until(lambda: server.health()["status"] == "ok", 120, 0.2, "a new worker")
     finally:
         stop_server(server)
+
+
+def test_the_weight_images_of_a_killed_controller_are_removed_by_the_next_one(tmp_path_factory, prepared_smollm2):
+    """Regression: `kill -9` of the controller left its weight images in /dev/shm (525 MiB for the demo), and
+    nothing ever removed images of dead controllers."""
+    store = tmp_path_factory.mktemp("host-store")
+    registry = default_registry()
+    registry["memory"] = {**registry.get("memory", {}), "host_store_dir": str(store)}
+    config = write_registry(tmp_path_factory.mktemp("orphans"), registry)
+    first = start_server(config)
+    worker = first.worker_pid()
+    left = wait_until(lambda: sorted(store.glob(f"prism-weights-{first.process.pid}-*")), 60, 0.2, "weight images")
+    os.kill(first.process.pid, signal.SIGKILL)
+    first.process.wait(30)
+    wait_until(lambda: not pid_alive(worker), 30, 0.2, "its worker to exit with it")
+    assert all(path.exists() for path in left)  # nobody removed them
+    second = start_server(config)
+    try:
+        assert not any(path.exists() for path in left)
+        assert f"left by controllers that are gone (pid {first.process.pid})" in second.log()
+        assert list(store.glob(f"prism-weights-{second.process.pid}-*"))  # its own images are kept
+    finally:
+        stop_server(second)
+        stop_server(first)
+    assert not list(store.glob("prism-weights-*"))
