@@ -44,7 +44,7 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from controller.app import create_app
-    from controller.server import Server
+    from controller.server import CannotStart, Server
 
     registry = _load(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -56,6 +56,9 @@ def serve(args: argparse.Namespace) -> None:
         server = Server(registry, catalog, cache_dir, _registry_path(args.config), args.log_format)
     except ValueError as exc:
         print(f"prism: invalid registry: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except CannotStart as exc:
+        print(f"prism: cannot serve this registry here: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     app = create_app(registry, cache_dir, server)
     host, port = registry.server.host, registry.server.port

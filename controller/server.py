@@ -77,17 +77,56 @@ def _controller_alive(pid: int) -> bool:
     return b"serve" in words and any(w.endswith((b"prism", b"controller.cli")) for w in words)
 
 
+class CannotStart(Exception):
+    """The registry is valid but cannot be served on this machine (a device it lacks, budgets that hold no
+    model): said at start-up, before anything is launched."""
+
+
 def resolve_devices(devices: list[str] | str) -> list[str]:
-    """`auto`: every GPU the NVIDIA driver lists (`nvidia-smi`; the controller does not import torch or
-    CUDA) that CUDA_VISIBLE_DEVICES leaves visible, else the CPU."""
-    if devices != "auto":
-        return list(devices)
+    """`auto`: every GPU the NVIDIA driver lists that CUDA_VISIBLE_DEVICES leaves visible, else the CPU.
+    Listed devices are checked: a `cuda:N` this machine does not have raises CannotStart."""
+    if devices == "auto":
+        return [f"cuda:{i}" for i in range(usable_gpus())] or ["cpu"]
+    gpus = [d for d in devices if d.startswith("cuda:")]
+    if gpus:
+        usable = usable_gpus()
+        missing = [d for d in gpus if int(d.split(":")[1]) >= usable]
+        if missing:
+            have = f"{usable} visible GPU(s) (nvidia-smi, CUDA_VISIBLE_DEVICES)" if usable else "no NVIDIA GPU (nvidia-smi lists none)"
+            raise CannotStart(f"`devices` lists {', '.join(missing)}, but this machine has {have}; use cpu, or devices: auto")
+    return list(devices)
+
+
+def usable_gpus() -> int:
+    """GPUs the NVIDIA driver lists (`nvidia-smi`: the controller does not import torch or CUDA) that
+    CUDA_VISIBLE_DEVICES leaves visible to a worker."""
     try:
         listing = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         listed = len(listing.stdout.split()) if listing.returncode == 0 else 0
-    except (OSError, subprocess.TimeoutExpired):  # no driver: serve on the CPU
+    except (OSError, subprocess.TimeoutExpired):  # no driver
         listed = 0
-    return [f"cuda:{i}" for i in range(visible_gpus(listed, os.environ.get("CUDA_VISIBLE_DEVICES")))] or ["cpu"]
+    return visible_gpus(listed, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def models_beyond_budget(registry: Registry, catalog: dict[str, CatalogEntry], devices: list[str]) -> dict[str, str]:
+    """Models that fit no CPU worker's pool (weights and `min_kv_reserve_tokens` of KV beyond
+    `memory.cpu_budget_bytes`), with why; only where every device is a CPU (a GPU's pool is known when its
+    worker starts). Raises CannotStart when no model fits."""
+    if not devices or not all(d.startswith("cpu") for d in devices):
+        return {}
+    budget = int(registry.memory.cpu_budget_bytes)
+    tokens = registry.scheduler.min_kv_reserve_tokens
+    too_big = {}
+    for name, entry in catalog.items():
+        size = entry.size(devices[0])
+        need = size.weight_bytes + tokens * size.kv_bytes_per_token
+        if need > budget:
+            too_big[name] = (f"it needs {need / 2**20:.0f} MiB (weights and {tokens} tokens of KV), more than "
+                             f"memory.cpu_budget_bytes ({budget / 2**20:.0f} MiB)")
+    if catalog and len(too_big) == len(catalog):
+        smallest = min(too_big, key=lambda n: catalog[n].size(devices[0]).weight_bytes)
+        raise CannotStart(f"memory.cpu_budget_bytes holds none of the models; the smallest, {smallest!r}: {too_big[smallest]}")
+    return too_big
 
 
 def visible_gpus(listed: int, cuda_visible_devices: str | None) -> int:
@@ -107,6 +146,7 @@ class Server:
         self.cache_dir = cache_dir
         self.registry_path = registry_path
         self.devices = resolve_devices(registry.devices)
+        self.beyond_budget = models_beyond_budget(registry, catalog, self.devices)
         for model in registry.models:
             if model.device is not None and model.device not in self.devices:
                 raise ValueError(f"model {model.name!r} asks for device {model.device!r}, which is not in `devices` {self.devices}")
@@ -150,6 +190,9 @@ class Server:
             self.workers[device] = WorkerHandle(device, device, self.channel, self.worker_config, self.log_format,
                                                 standby=server.wants_standby(device))
         self.manager = ModelManager(self.registry, self._catalog, self.workers, self.metrics, self.events)
+        for name, why in self.beyond_budget.items():  # its requests fail at once, saying why, instead of waiting
+            logger.error("model %s cannot be served here: %s", name, why)
+            self.manager.runtimes[name].error = why
         self._catalog = None
         self.client = EngineClient(self.manager, self.registry.server)
         self.serving = OpenAIServing(self.manager, self.client, self.registry.server, self.metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,31 @@ def test_a_channel_secret_variable_that_is_not_set_is_refused_at_start(tmp_path)
                             timeout=120, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "PRISM_TEST_UNSET_SECRET, which is not set" in result.stderr
+
+
+def serve_exits(tmp_path, registry_text: str) -> subprocess.CompletedProcess:
+    path = write(tmp_path, registry_text % (default_registry_path().parent / "tiny-llama.json"))
+    return subprocess.run([sys.executable, "-m", "controller.cli", "serve", "--config", str(path)], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA driver: cuda:0 may exist")
+def test_a_gpu_device_on_a_machine_without_one_is_refused_at_start(tmp_path):
+    """Regression: it printed "listening", refused connections, restarted the worker with a traceback every
+    few seconds and ignored SIGTERM."""
+    result = serve_exits(tmp_path, """
+        devices: [cuda:0]
+        models: [{name: m1, load_format: dummy, config: %s}]
+    """)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "listening" not in result.stdout
+    assert "lists cuda:0, but this machine has no NVIDIA GPU" in result.stderr
+
+
+def test_a_budget_that_holds_no_model_is_refused_at_start(tmp_path):
+    """Regression: `cpu_budget_bytes: 8MiB` reported healthy; requests waited 300 s for "not available yet"."""
+    result = serve_exits(tmp_path, """
+        memory: {cpu_budget_bytes: 8MiB}
+        models: [{name: m1, load_format: dummy, config: %s}]
+    """)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "memory.cpu_budget_bytes holds none of the models; the smallest, 'm1'" in result.stderr

@@ -247,3 +247,25 @@ def test_a_peer_without_the_channel_secret_can_neither_join_nor_take_over_a_work
             intruder.close()
 
     run(catalog, scenario)
+
+
+def test_a_model_no_cpu_pool_can_hold_fails_its_requests_at_once_saying_why(catalog):
+    """Regression: a model larger than `memory.cpu_budget_bytes` let its requests wait 300 s for "not
+    available yet", and nothing was logged."""
+    from controller.errors import Unavailable
+    from controller.server import Server
+
+    registry = load_registry(default_registry_path())
+    registry = registry.model_copy(update={"memory": registry.memory.model_copy(update={"cpu_budget_bytes": 64 * 2**20})})
+    server = Server(registry, catalog, default_cache_dir())
+    assert set(server.beyond_budget) == {SMOL}  # the tiny model fits, SmolLM2 (float32) does not
+
+    async def scenario():
+        await server.build()
+        try:
+            with pytest.raises(Unavailable, match="more than memory.cpu_budget_bytes"):
+                await asyncio.wait_for(server.manager.acquire(SMOL, 4, timeout_s=300), 5)  # at once, not after 300 s
+        finally:
+            await server.stop()
+
+    asyncio.run(scenario())
