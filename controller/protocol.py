@@ -173,6 +173,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "prism-serve"
+    root: str  # what the model is (here its registry name, as vLLM gives the served path); clients such as `vllm bench serve` read it
+    parent: str | None = None
     max_model_len: int
 
 

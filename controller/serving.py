@@ -113,7 +113,14 @@ class OpenAIServing:
 
     def list_models(self) -> ModelList:
         created = now_s()
-        return ModelList(data=[ModelCard(id=name, created=created, max_model_len=e.max_model_len) for name, e in self.models.entries.items()])
+        return ModelList(data=[self._card(name, e, created) for name, e in self.models.entries.items()])
+
+    def model_card(self, name: str) -> ModelCard:
+        return self._card(name, self._entry(name), now_s())
+
+    @staticmethod
+    def _card(name: str, entry: CatalogEntry, created: int) -> ModelCard:
+        return ModelCard(id=name, created=created, root=name, max_model_len=entry.max_model_len)
 
     async def completion(self, request: CompletionRequest, raw: Request):
         entry = self._entry(request.model)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from controller.auth import require_api_key
-from controller.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelList
+from controller.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -38,6 +38,11 @@ async def metrics(request: Request) -> PlainTextResponse:
 @v1.get("/models", response_model=ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> ModelList:
     return _server(request).serving.list_models()
+
+
+@v1.get("/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return _server(request).serving.model_card(model_id)
 
 
 @v1.post("/completions", responses=_GENERATION)

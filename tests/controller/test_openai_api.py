@@ -21,6 +21,16 @@ def test_models_are_listed(client):
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {SMOL, TINY}
     assert all(m.object == "model" for m in models.values())
+    assert all(m.root == m.id for m in models.values())  # `vllm bench serve` without --model crashed on KeyError: 'root'
+
+
+def test_a_model_is_retrieved_by_its_id(client):
+    """Regression: GET /v1/models/{id} answered 404, so `client.models.retrieve` failed."""
+    model = client.models.retrieve(SMOL)
+    assert model.id == SMOL and model.object == "model" and model.max_model_len > 0
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.body["param"] == "model"
 
 
 def test_chat_answers_with_the_real_model(client, prepared_smollm2):
