@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.auth import Auth
 from controller.errors import APIError, InvalidRequest, RequestTooLarge
+from controller.protocol import FieldError
 from controller.registry import Registry
 from controller.routes import admin_routes, openai_routes
 from controller.server import Server
@@ -81,14 +82,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         loc = [p for p in loc if not (p in {"str", "int", "float", "bool"} or "[" in p or p.startswith("function-"))]
         field = ".".join(loc) or None
         message = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
+        error = (first.get("ctx") or {}).get("error")
+        if isinstance(error, FieldError):  # a model validator's refusal of one field: name it
+            field, message = error.field, str(error)
+        elif first.get("type") == "json_invalid":
             message, field = "the body is not valid JSON", None
         elif first.get("type") == "extra_forbidden":
             message = f"unknown field {field!r}"
         elif first.get("type") == "missing":
             message = f"missing required field {field!r}"
         elif field:
-            message = f"{field}: {message}"
+            message = f"{field}: {message.removeprefix('Value error, ')}"
+        else:
+            message = message.removeprefix("Value error, ")
         return InvalidRequest(message, param=field).response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -96,7 +102,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         error = APIError(str(exc.detail))
         error.status = exc.status_code
         error.type = _STATUS_TYPES.get(exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
-        return error.response()
+        response = error.response()
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
     @app.exception_handler(ClientDisconnected)
     async def client_gone(request: Request, exc: ClientDisconnected) -> Response:
@@ -123,6 +131,29 @@ class BodySizeLimit:
         too_large = RequestTooLarge(f"the request body is over the limit of {self.max_bytes} bytes")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await too_large.response()(scope, receive, send)
+        if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # A body without a length (chunked): read it here, up to the limit, and hand it on whole. Refused
+            # while the app parses it, it would be a parse error (400), not a 413.
+            body = bytearray()
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client left
+                body += message.get("body", b"")
+                if len(body) > self.max_bytes:
+                    return await too_large.response()(scope, receive, send)
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, send)
         received = 0
 
         async def limited_receive():

@@ -42,7 +42,7 @@ class Auth:
         if not self.api_keys:
             return
         given = _bearer(request)
-        if given is None or not any(hmac.compare_digest(given, key) for key in self.api_keys):
+        if given is None or not any(_same(given, key) for key in self.api_keys):
             raise Unauthorized("missing or invalid API key (send Authorization: Bearer <key>)")
 
     def check_admin(self, request: Request) -> None:
@@ -50,8 +50,14 @@ class Auth:
             hint = f"set the environment variable {self.admin_token_env}" if self.admin_token_env else "set server.admin_token_env in the registry"
             raise AdminDisabled(f"the admin API is disabled: {hint}")
         given = _bearer(request)
-        if given is None or not hmac.compare_digest(given, self.admin_token):
+        if given is None or not _same(given, self.admin_token):
             raise Unauthorized("missing or invalid admin token (send Authorization: Bearer <token>)")
+
+
+def _same(given: str, secret: str) -> bool:
+    """Constant-time comparison of bytes: `compare_digest` refuses str with non-ASCII characters (TypeError),
+    and a header may carry any byte (Starlette decodes it as latin-1)."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), secret.encode("utf-8", "surrogateescape"))
 
 
 def _bearer(request: Request) -> str | None:

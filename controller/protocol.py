@@ -15,6 +15,32 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_STOP_STRINGS = 16
 
 
+class FieldError(ValueError):
+    """A refused value of a named field, raised where pydantic gives no location (a model validator): the
+    400's `param` names the field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def first_invalid_text(value: Any, path: str = "") -> tuple[str, str] | None:
+    """The first string in a JSON value that is not valid Unicode (a lone surrogate such as "\\ud800", which
+    JSON may carry and no tokenizer can encode), as (its path, the offending character's code point)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, f"U+{ord(value[exc.start]):04X}"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = first_invalid_text(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -46,6 +72,15 @@ class _SamplingFields(_Request):
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = first_invalid_text(data)
+        if found is not None:
+            path, char = found
+            raise FieldError(path, f"`{path}` is not valid Unicode: it holds a lone surrogate ({char})")
+        return data
+
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, stop: str | list[str] | None) -> list[str] | None:
@@ -69,9 +104,9 @@ class _SamplingFields(_Request):
         }
         for field, bad in unsupported.items():
             if bad:
-                raise ValueError(f"`{field}` = {getattr(self, field)!r} is not supported (only the default)")
+                raise FieldError(field, f"`{field}` = {getattr(self, field)!r} is not supported (only the default)")
         if self.stream_options is not None and not self.stream:
-            raise ValueError("`stream_options` is only allowed with `stream: true`")
+            raise FieldError("stream_options", "`stream_options` is only allowed with `stream: true`")
         return self
 
 
@@ -105,7 +140,7 @@ class CompletionRequest(_SamplingFields):
             "suffix": self.suffix is not None,
         }.items():
             if bad:
-                raise ValueError(f"`{field}` is not supported")
+                raise FieldError(field, f"`{field}` is not supported")
         return self
 
 
@@ -149,9 +184,9 @@ class ChatCompletionRequest(_SamplingFields):
             "response_format": self.response_format not in (None, {"type": "text"}),
         }.items():
             if bad:
-                raise ValueError(f"`{field}` is not supported")
+                raise FieldError(field, f"`{field}` is not supported")
         if self.max_tokens is not None and self.max_completion_tokens is not None and self.max_tokens != self.max_completion_tokens:
-            raise ValueError("`max_tokens` and `max_completion_tokens` disagree; send one")
+            raise FieldError("max_completion_tokens", "`max_tokens` and `max_completion_tokens` disagree; send one")
         return self
 
     @property

@@ -123,3 +123,54 @@ def test_admin_routes_refuse_without_the_token_and_answer_with_it(registry, cata
     assert right.status_code == 200 and {m["name"]: m["state"] for m in right.json()["models"]} == {
         "smollm2-135m-instruct": "inactive", TINY: "inactive"}
     assert unknown.status_code == 404 and error_of(unknown)["param"] == "name"
+
+
+def test_a_lone_surrogate_in_a_prompt_is_a_400_naming_the_field(registry, catalog):
+    """Regression: `"prompt": "\\ud800"` (valid JSON, not valid Unicode) answered 500 and logged a traceback."""
+    completion, chat_reply = call(
+        registry, catalog,
+        ("POST", "/v1/completions", {"content": b'{"model": "tiny-llama-random", "prompt": "\\ud800", "max_tokens": 2}',
+                                     "headers": {"content-type": "application/json"}}),
+        ("POST", "/v1/chat/completions", {"content": b'{"model": "tiny-llama-random", "messages": [{"role": "user", '
+                                          b'"content": [{"type": "text", "text": "a\\udfff"}]}]}',
+                                          "headers": {"content-type": "application/json"}}),
+    )
+    assert completion.status_code == 400 and error_of(completion)["param"] == "prompt"
+    assert "lone surrogate (U+D800)" in error_of(completion)["message"]
+    assert chat_reply.status_code == 400 and error_of(chat_reply)["param"] == "messages.0.content.0.text"
+
+
+def test_a_non_ascii_bearer_token_is_a_401(registry, catalog):
+    """Regression: a non-ASCII bearer token answered 500 (hmac.compare_digest refuses non-ASCII str)."""
+    refused, = call(registry, catalog, ("GET", "/admin/models", {"headers": {"authorization": "Bearer \xe9t\xe9".encode("latin-1")}}),
+                    admin=True)
+    assert refused.status_code == 401
+
+
+def test_a_chunked_body_over_the_limit_is_a_413(registry, catalog):
+    """Regression: a body without Content-Length (chunked) over `max_body_bytes` answered 400 ("error parsing")."""
+
+    async def chunks():
+        for _ in range(registry.server.max_body_bytes // 65536 + 2):
+            yield b" " * 65536
+
+    too_big, small = call(registry, catalog, ("POST", "/v1/completions", {"content": chunks()}),
+                          ("POST", "/v1/completions", {"content": _one_chunk(b'{"model": "nope", "prompt": "a"}'),
+                                                       "headers": {"content-type": "application/json"}}))
+    assert too_big.status_code == 413 and error_of(too_big)["code"] == "request_too_large"
+    assert small.status_code == 404  # a small chunked body is read whole and served as usual
+
+
+def _one_chunk(data: bytes):
+    async def gen():
+        yield data
+    return gen()
+
+
+def test_unsupported_fields_name_themselves_and_a_405_says_allow(registry, catalog):
+    """Regression: `param` was null for fields refused by a model validator (n, tools); 405 had no Allow."""
+    n, tools, wrong_method = call(registry, catalog, chat(n=2), chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+                                  ("DELETE", "/v1/completions", {}))
+    assert n.status_code == 400 and error_of(n)["param"] == "n" and not error_of(n)["message"].startswith("Value error")
+    assert tools.status_code == 400 and error_of(tools)["param"] == "tools"
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
