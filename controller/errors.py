@@ -84,6 +84,9 @@ class Unavailable(APIError):
     type = "service_unavailable"
     code = "service_unavailable"
 
+    def __init__(self, message: str, param: str | None = None, retry_after_s: float | None = 1.0):
+        super().__init__(message, param, retry_after_s)  # a 503 always says when to retry
+
 
 class RequestTimeout(APIError):
     """The request ran past the server's per-request timeout; the client may retry with less output."""

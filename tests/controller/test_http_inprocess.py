@@ -174,3 +174,11 @@ def test_unsupported_fields_name_themselves_and_a_405_says_allow(registry, catal
     assert n.status_code == 400 and error_of(n)["param"] == "n" and not error_of(n)["message"].startswith("Value error")
     assert tools.status_code == 400 and error_of(tools)["param"] == "tools"
     assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+
+
+def test_a_request_failed_by_an_eviction_says_when_to_retry():
+    """Regression: the 503 of a request whose model was evicted under it came without Retry-After."""
+    from controller.serving import ERROR_KINDS
+
+    response = ERROR_KINDS["unavailable"]("the model was evicted (admin)").response()
+    assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
