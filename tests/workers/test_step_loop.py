@@ -31,6 +31,9 @@ class Device:
         self.loop.settle()
         replies = [msg for msg in self.loop.take_outbox() if isinstance(msg, m.ModelActivated)]
         assert [r.error for r in replies] == [None] * len(specs)
+        if device.startswith("cuda"):  # as the worker does once the device is idle (activations never capture)
+            for spec in specs:
+                self.loop.capture_graphs_now(spec.name)
         self.engines, self.scheduler, self.steps = self.loop.engines, self.loop.scheduler, self.loop.steps
 
     def generate(self, requests: dict[str, tuple[str, list[int]]], params: SamplingParams = GREEDY) -> dict[str, list[int] | None]:
