@@ -22,7 +22,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from workers.contract import messages as m
-from workers.contract.channel_keys import as_server, channel_keys
+from workers.contract.channel_keys import HANDSHAKE_FAILURES, as_server, channel_keys
 
 logger = logging.getLogger("prism.controller")
 
@@ -30,8 +30,6 @@ Handler = Callable[[m.FromWorker], None]
 UnknownHandler = Callable[[str, m.FromWorker], None]  # (the sender's identity, its message)
 
 REFUSAL_LOG_INTERVAL_S = 10.0
-HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class WorkerChannel:

@@ -44,7 +44,8 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from controller.app import create_app
-    from controller.server import CannotStart, Server
+    from controller.devices import CannotStart
+    from controller.server import Server
 
     registry = _load(args.config)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}

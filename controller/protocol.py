@@ -35,6 +35,8 @@ def first_invalid_text(value: Any, path: str = "") -> tuple[str, str] | None:
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
+        if not isinstance(item, (str, dict, list)):
+            continue  # numbers (a prompt of token ids) hold no text
         found = first_invalid_text(item, f"{path}.{key}" if path else str(key))
         if found is not None:
             return found

@@ -20,7 +20,7 @@ from zmq.utils.monitor import recv_monitor_message
 from memory import PagePool
 from memory.host_store import HostWeightStore
 from workers.contract import messages as m
-from workers.contract.channel_keys import SECRET_ENV, as_client, channel_keys
+from workers.contract.channel_keys import HANDSHAKE_FAILURES, SECRET_ENV, as_client, channel_keys
 from workers.contract.config import WorkerConfig
 from workers.contract.gc_heap import GcPauses, freeze_heap
 from workers.device_loop import DeviceLoop
@@ -28,9 +28,7 @@ from workers.device_loop import DeviceLoop
 logger = logging.getLogger("prism.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
-CONNECTION_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+CONNECTION_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILURES
 CONFIGURE_TIMEOUT_S = 60.0  # a controller that does not answer Hello by then is not there
 
 

@@ -52,7 +52,7 @@ def test_the_worker_command_line_takes_no_configuration():
 
 
 def test_devices_auto_counts_the_gpus_cuda_visible_devices_leaves():
-    from controller.server import resolve_devices, visible_gpus
+    from controller.devices import resolve_devices, visible_gpus
 
     assert [visible_gpus(4, v) for v in (None, "0,1", "", "-1", "2,-1,3", "0,1,2,3,4,5")] == [4, 2, 0, 0, 1, 4]
     assert resolve_devices(["cpu:0", "cpu:1"]) == ["cpu:0", "cpu:1"]
@@ -61,12 +61,12 @@ def test_devices_auto_counts_the_gpus_cuda_visible_devices_leaves():
 def test_a_gpu_this_machine_lacks_is_refused_at_start(tmp_path, monkeypatch):
     """Regression: `devices: [cuda:0]` on a machine without a GPU printed "listening", refused connections and
     restarted its worker with a traceback every few seconds."""
-    from controller import server
+    from controller import devices
 
-    monkeypatch.setattr(server, "usable_gpus", lambda: 1)
-    assert server.resolve_devices(["cuda:0"]) == ["cuda:0"]
-    with pytest.raises(server.CannotStart, match=r"lists cuda:1, but this machine has 1 visible GPU"):
-        server.resolve_devices(["cuda:0", "cuda:1"])
-    monkeypatch.setattr(server, "usable_gpus", lambda: 0)
-    with pytest.raises(server.CannotStart, match="no NVIDIA GPU"):
-        server.resolve_devices(["cuda:0"])
+    monkeypatch.setattr(devices, "usable_gpus", lambda: 1)
+    assert devices.resolve_devices(["cuda:0"]) == ["cuda:0"]
+    with pytest.raises(devices.CannotStart, match=r"lists cuda:1, but this machine has 1 visible GPU"):
+        devices.resolve_devices(["cuda:0", "cuda:1"])
+    monkeypatch.setattr(devices, "usable_gpus", lambda: 0)
+    with pytest.raises(devices.CannotStart, match="no NVIDIA GPU"):
+        devices.resolve_devices(["cuda:0"])

@@ -17,6 +17,8 @@ import zmq
 from zmq.utils import z85
 
 SECRET_ENV = "PRISM_WORKER_SECRET"
+# Socket-monitor events of a handshake that failed: the peer has no secret, or another one.
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 @dataclass(frozen=True)
