@@ -31,6 +31,14 @@ clients have unmapped enough (`set_budget` says how many pages are over). On a G
 every page up front (reserve_pages = budget_pages): a stock of `chunk_pages` single pages, whole chunks,
 and single pages for a budget that is not a multiple of the chunk.
 
+Capture scratch: `map_scratch` backs a whole weights range with the pool's scratch instead of its own
+pages: one whole chunk mapped again at every aligned group, one page again at every page of the tail, as
+kvcached maps a zero page. It is for recording CUDA graphs before a model is active (the kernels record
+addresses; what they read there is garbage, what they write is lost), so that a capture ahead of an
+activation costs at most `chunk_pages + 1` pages of the budget, not the model's weights. The scratch's
+pages count as mapped while any range holds it, under no owner. (On the host backend every mapping is
+backed on touch by pages of its own; nothing captures graphs there.)
+
 Idle pages: a client may keep mapped pages that hold nothing (a KV space's hysteresis). It registers
 itself with `add_reclaimer`, and when another client's `map_pages` runs short the pool asks such clients
 to give idle pages back before it answers False, so hysteresis never starves another model.
@@ -93,6 +101,8 @@ class PagePool:
         self._changed = threading.Condition(self._lock)  # notified when mapped pages fall or the budget grows
         self._num_waiters = 0  # threads in wait_until_within_budget: unmaps notify only when there are some
         self._num_created_total = 0  # pages created since the pool was built
+        self._scratch: dict[int, PhysicalChunk] = {}  # size in pages -> the capture scratch's chunk of that size
+        self._scratch_users: dict[VirtualRange, list[tuple[int, int]]] = {}  # range -> (first page, pages) mapped
 
     # --- budget ---------------------------------------------------------------------------------
 
@@ -152,6 +162,9 @@ class PagePool:
         """
         with self._lock:
             self._check_live(vrange)
+            if vrange in self._scratch_users:
+                self.backend.synchronize()
+                self._unmap_scratch_locked(vrange)
             self._unmap_locked(vrange, [(i, h[0]) for i, h in enumerate(vrange.handles) if h is not None and h[1] == 0])
             self._ranges.discard(vrange)
             self._idle_holders.pop(vrange, None)
@@ -244,6 +257,87 @@ class PagePool:
             self._reserve_target = 0
             self._trim_reserve_locked()
 
+    # --- capture scratch (see the module docstring) ---------------------------------------------
+
+    def scratch_pages_for(self, vrange: VirtualRange) -> int:
+        """Pages of the budget that `map_scratch(vrange)` would take now (0 for sizes already lent)."""
+        with self._lock:
+            return sum(size for size in self._scratch_sizes(vrange) if size not in self._scratch)
+
+    def scratch_handles(self) -> set:
+        """The backend handles of the scratch's chunks (the only pages the pool maps at several places)."""
+        with self._lock:
+            return {chunk.handle for chunk in self._scratch.values()}
+
+    def map_scratch(self, vrange: VirtualRange) -> bool:
+        """Back every page of an unmapped WEIGHTS range with the capture scratch; False, mapping nothing,
+        when the budget cannot lend the scratch's pages (idle pages of other clients are reclaimed first)."""
+        with self._lock:
+            self._check_live(vrange)
+            if vrange.kind is not MemoryKind.WEIGHTS or vrange.num_mapped or vrange in self._scratch_users:
+                raise ValueError(f"the capture scratch backs only a wholly unmapped weights range, not "
+                                 f"{vrange.owner}/{vrange.kind.value} ({vrange.num_mapped} pages mapped)")
+            num_short = self._scratch_shortage_locked(vrange)
+        if num_short > 0 and not self.reclaim_idle(num_short, exclude=vrange):
+            return False
+        with self._lock:
+            if self._scratch_shortage_locked(vrange) > 0:
+                return False
+            page_bytes, mapped = self.page_bytes, []
+            try:
+                for size in self._scratch_sizes(vrange):
+                    if size not in self._scratch:
+                        self._scratch[size] = self._chunks.take(size) or self._create_chunk_locked(size, free=False)
+                        self._num_mapped += size
+                for first, count in self._scratch_runs(vrange):
+                    self.backend.map(vrange.base + first * page_bytes, count * page_bytes, self._scratch[count].handle, 0)
+                    mapped.append((first, count))
+                self.backend.set_access(vrange.base, vrange.num_bytes)
+            except BackendError:
+                self._scratch_users[vrange] = mapped
+                self._unmap_scratch_locked(vrange)
+                raise
+            self._scratch_users[vrange] = mapped
+            return True
+
+    def unmap_scratch(self, vrange: VirtualRange) -> None:
+        """Take the capture scratch out of `vrange` (after one device synchronisation); the last range to
+        give it back returns its chunks to the reserve."""
+        with self._lock:
+            self._check_live(vrange)
+            if vrange not in self._scratch_users:
+                raise ValueError(f"{vrange.owner}/{vrange.kind.value} does not hold the capture scratch")
+            self.backend.synchronize()
+            self._unmap_scratch_locked(vrange)
+
+    def _scratch_sizes(self, vrange: VirtualRange) -> set[int]:
+        return {count for _, count in self._scratch_runs(vrange)}
+
+    def _scratch_runs(self, vrange: VirtualRange) -> list[tuple[int, int]]:
+        """(first page, pages) of each scratch mapping: whole aligned groups, then the tail page by page."""
+        chunk_pages, num_pages = self.chunk_pages, vrange.num_pages
+        whole_end = num_pages - num_pages % chunk_pages
+        return [(first, chunk_pages) for first in range(0, whole_end, chunk_pages)] + [(i, 1) for i in range(whole_end, num_pages)]
+
+    def _scratch_shortage_locked(self, vrange: VirtualRange) -> int:
+        missing = sum(size for size in self._scratch_sizes(vrange) if size not in self._scratch)
+        return self._num_mapped + missing - self._budget_pages
+
+    def _unmap_scratch_locked(self, vrange: VirtualRange) -> None:
+        mapped = self._scratch_users.pop(vrange)
+        try:
+            for first, count in mapped:
+                self.backend.unmap(vrange.base + first * self.page_bytes, count * self.page_bytes)
+        finally:
+            if not self._scratch_users:
+                for chunk in self._scratch.values():
+                    self._chunks.put(chunk)
+                    self._num_mapped -= chunk.num_pages
+                self._scratch.clear()
+                self._trim_reserve_locked()
+                if self._num_waiters:
+                    self._changed.notify_all()
+
     # --- accounting -----------------------------------------------------------------------------
 
     def snapshot(self) -> PoolSnapshot:
@@ -262,6 +356,7 @@ class PagePool:
                 self.chunk_pages,
                 self._chunks.num_chunks,
                 self._chunks.num_free_chunks,
+                sum(chunk.num_pages for chunk in self._scratch.values()),
             )
 
     def pages_of(self, owner: str, kind: MemoryKind) -> int:
@@ -275,7 +370,11 @@ class PagePool:
             in_use: dict[PhysicalChunk, int] = {}  # chunk -> its pages mapped somewhere
             for vrange in self._ranges:
                 by_owner[(vrange.owner, vrange.kind)] += self._audit_range(vrange, in_use)
-            assert sum(by_owner.values()) == self._num_mapped, "pages_mapped disagrees with the ranges"
+            for chunk in self._scratch.values():
+                in_use[chunk] = chunk.num_pages
+            assert self._scratch_users or not self._scratch, "the capture scratch is held by no range"
+            num_scratch = sum(c.num_pages for c in self._scratch.values())
+            assert sum(by_owner.values()) + num_scratch == self._num_mapped, "pages_mapped disagrees with the ranges"
             assert +by_owner == +self._pages_by_owner, "per-owner pages disagree with the ranges"
             chunks = self._chunks
             chunks.audit(in_use)
@@ -290,6 +389,8 @@ class PagePool:
         with self._lock:
             self._check_live(vrange)
             self._check_indices(vrange, indices, expect_mapped=False)
+            if vrange in self._scratch_users:
+                raise ValueError(f"{vrange.owner}/{vrange.kind.value} holds the capture scratch: unmap it first")
             num_short = self._num_mapped + len(indices) - self._budget_pages
             if num_short > 0:
                 return num_short

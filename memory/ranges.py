@@ -66,6 +66,7 @@ class PoolSnapshot:
     chunk_pages: int = 1
     num_chunks: int = 0  # physical allocations alive, any size
     num_free_chunks: int = 0  # free whole chunks: what weights map fastest into
+    scratch_pages: int = 0  # the capture scratch's pages, while a range holds it (in pages_mapped, under no owner)
 
     @property
     def pages_free(self) -> int:

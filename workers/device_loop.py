@@ -506,7 +506,7 @@ class DeviceLoop:
         if engine.prepared and name in self._pinning:
             return "staged, pinning"  # its image: an activation now copies the unpinned part through bounce buffers
         if engine.prepared and not engine.graphs_captured:
-            return "staged, graphs pending"  # captured when the device is idle and the pool can lend the pages
+            return "staged, graphs pending"  # captured when the device is idle and the pool can lend the capture scratch
         if engine.prepared:
             return "prepared"
         return "staging" if name in self._staging else "not prepared"

@@ -4,7 +4,8 @@ It sits between the pool and a real backend (host memory, so data tests read and
 keeps its own books: which chunks exist, which page of which chunk is mapped where, the extent of every
 mapping, which pages are accessible. It enforces what the lent H100's driver does: a map covers a whole
 chunk (cuMemMap of part of one fails with CUDA_ERROR_NOT_SUPPORTED) and an unmap exactly one whole
-mapping (cuMemUnmap's rule). A pool that maps one physical page into two places, maps over a mapped page,
+mapping (cuMemUnmap's rule). A pool that maps one physical page into two places (other than the capture
+scratch, which `PoolRig.assert_consistent` lets only the pool's scratch chunks do), maps over a mapped page,
 maps part of a chunk, unmaps anything but one whole mapping, destroys a chunk with a page still mapped,
 releases a range with pages still mapped, or leaks a chunk trips an assertion here, independently of the
 pool's own counts.
@@ -30,7 +31,7 @@ class CheckingBackend:
         self.chunks: dict[Any, int] = {}  # live chunk handle -> pages
         self.mappings: dict[int, tuple[int, Any, int]] = {}  # mapping start -> (pages, chunk, first page in chunk)
         self.page_at: dict[int, tuple[Any, int]] = {}  # page address -> (chunk, page in chunk) mapped there
-        self.address_of: dict[tuple[Any, int], int] = {}  # (chunk, page in chunk) -> address it is mapped at
+        self.address_of: dict[tuple[Any, int], list[int]] = {}  # (chunk, page in chunk) -> addresses it is mapped at
         self.accessible: set[int] = set()  # page addresses readable and writable
         self.map_sizes: list[int] = []  # pages per map call, in order
         self.num_synchronize = 0
@@ -69,7 +70,6 @@ class CheckingBackend:
         first, count = offset // page, num_bytes // page
         assert first == 0 and count == self.chunks[handle], "mapping part of a chunk (the driver refuses it)"
         for i in range(count):
-            assert (handle, first + i) not in self.address_of, f"page {first + i} of a chunk is already mapped"
             assert address + i * page not in self.page_at, f"address {address + i * page:#x} already mapped"
         assert self._inside_one_reservation(address, num_bytes), f"[{address:#x}, +{num_bytes}) outside a reservation"
         self.inner.map(address, num_bytes, handle, offset)
@@ -77,7 +77,7 @@ class CheckingBackend:
         self.map_sizes.append(count)
         for i in range(count):
             self.page_at[address + i * page] = (handle, first + i)
-            self.address_of[(handle, first + i)] = address + i * page
+            self.address_of.setdefault((handle, first + i), []).append(address + i * page)
 
     def set_access(self, address: int, num_bytes: int) -> None:
         assert num_bytes > 0 and num_bytes % self.page_bytes == 0
@@ -98,7 +98,10 @@ class CheckingBackend:
         del self.mappings[address]
         for i in range(count):
             a = address + i * self.page_bytes
-            del self.address_of[self.page_at.pop(a)]
+            physical = self.page_at.pop(a)
+            self.address_of[physical].remove(a)
+            if not self.address_of[physical]:
+                del self.address_of[physical]
             self.accessible.discard(a)
 
     def tensor(self, base: int, num_bytes: int) -> torch.Tensor:
@@ -114,7 +117,11 @@ class CheckingBackend:
 
     @property
     def num_mapped(self) -> int:
-        return len(self.page_at)
+        """Physical pages mapped somewhere (a page mapped at several addresses counts once)."""
+        return len(self.address_of)
+
+    def multiply_mapped_chunks(self) -> set[Any]:
+        return {handle for (handle, _), addresses in self.address_of.items() if len(addresses) > 1}
 
     @property
     def num_created_pages(self) -> int:
@@ -141,7 +148,8 @@ class PoolRig:
         self.pool.audit()
         snap = self.pool.snapshot()
         assert snap.pages_mapped == self.checker.num_mapped
-        assert snap.pages_mapped == sum(snap.kv_pages.values()) + sum(snap.weight_pages.values())
+        assert snap.pages_mapped == sum(snap.kv_pages.values()) + sum(snap.weight_pages.values()) + snap.scratch_pages
+        assert self.checker.multiply_mapped_chunks() <= self.pool.scratch_handles(), "a page other than the scratch's is mapped twice"
         assert self.checker.num_created_pages == snap.pages_mapped + snap.pages_reserved, "a physical page leaked"
         assert len(self.checker.chunks) == snap.num_chunks, "a chunk leaked"
         assert set(self.checker.accessible) == set(self.checker.page_at), "a mapped page was left inaccessible"

@@ -211,6 +211,56 @@ def test_gpu_graphs_captured_ahead_give_the_eager_tokens_and_a_reactivation_capt
 
 
 @pytest.mark.gpu
+def test_gpu_a_model_the_full_pool_cannot_hold_is_captured_ahead_over_the_scratch():
+    """Regression for the 20-model start-up on an H100 leaving two models "staged, graphs pending": a
+    capture ahead mapped the model's own weight pages, which a pool full of resident models could not lend.
+    Over the capture scratch it borrows a chunk and a page; the tokens after activation are the eager ones."""
+    import os
+
+    import torch
+
+    from memory import MemoryKind, PagePool
+    from memory.cuda_backend import CudaBackend
+
+    prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 100, 300)]
+    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
+
+    def new_loop() -> DeviceLoop:
+        return DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
+                          tpot_target="request", overlap_steps=True, idle_before_capture_s=0.0)
+
+    try:
+        loop = new_loop()
+        eager = gpu_spec(False)
+        loop.handle(m.Activate(eager))
+        loop.settle()
+        expected = generate(loop, prompts)
+        loop.close()
+
+        loop = new_loop()
+        pool = loop.pool
+        filler = pool.reserve_range("resident", MemoryKind.KV, 6 * 2**30)
+        assert pool.map_pages(filler, range(pool.budget_pages - 200))  # 400 MiB free: far less than the weights
+        spec = gpu_spec(True)
+        loop.handle(m.Prepare(spec))
+        loop.settle()
+        engine = loop.engines["m"]
+        assert engine.weights.num_pages > pool.num_free_pages
+        loop.step()  # idle: captured now, ahead of the activation
+        assert engine.graphs is not None
+        assert pool.snapshot().pages_mapped == pool.budget_pages - 200 and pool.snapshot().scratch_pages == 0
+        pool.release_range(filler)
+        loop.handle(m.Activate(spec))
+        loop.settle()
+        (activated,) = replies(loop, m.ModelActivated)
+        assert activated.error is None and activated.graphs_captured
+        assert generate(loop, prompts) == expected
+        loop.close()
+    finally:
+        store.drop_all(unlink=True)
+
+
+@pytest.mark.gpu
 def test_gpu_a_restarted_worker_serves_from_surviving_images_before_pinning_or_capturing(monkeypatch):
     """Regression for the 33.5 s from `kill -9` to served again: the restarted worker pinned each surviving
     image and captured each model's graphs on the activation's path. Now the activation copies the unpinned

@@ -4,7 +4,8 @@ An engine is created once per (model, worker) and then activated and deactivated
 Creation reserves address space only (weights range, KV range). Preparation (`prepare`, off the device
 loop's thread) builds the model's tensor views over the still unmapped weight range and stages its
 host image (filled once per host, pinned); on a GPU, `capture_graphs` then captures its CUDA graphs once,
-over pages mapped for the capture alone, while the device is idle. Activation maps the weight pages (in
+over the pool's capture scratch mapped across the weights' range for the capture alone, while the device
+is idle. Activation maps the weight pages (in
 64 MiB physical chunks: one driver call each) and copies the host image into them (its pinned pieces by
 DMA on several streams, the rest through bounce buffers: host_copy.py); whatever preparation has not done
 yet it does first, except the graphs when the device loop asks (it captures them between steps).
@@ -47,7 +48,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # step_cost-h200.json); the split costs one more read of the weights.
 SPLIT_MIN_DECODES = 64
 PREFILL_GRAPH_PROMPTS = 8  # prompt chunks a prefill graph takes beside SPLIT_MIN_DECODES decodes
-CAPTURE_KV_PAGES = 64  # free pages beyond the weights' that a capture ahead of activation wants (warm-up KV)
+CAPTURE_KV_PAGES = 64  # free pages beyond the capture scratch's that a capture ahead of activation wants (warm-up KV)
 
 
 def _single_tokens_first(chunks: list[ScheduledChunk]) -> list[ScheduledChunk]:
@@ -201,18 +202,19 @@ class Engine:
 
     def capture_graphs(self) -> bool:
         """Capture the CUDA graphs once. An active engine captures over its own weights, between steps
-        (it ran eager until then). Before the first activation they are captured over weight pages mapped
-        for the capture alone (their contents do not matter: the graphs record addresses, the warm-up's
-        output is thrown away) and unmapped after it. False, doing nothing, when the pool cannot lend the
-        pages now."""
+        (it ran eager until then). Before the first activation they are captured over the pool's capture
+        scratch mapped across the weights' range (`PagePool.map_scratch`: at most a chunk and a page of
+        the budget, whatever the model's size; the graphs record addresses, the warm-up's output is thrown
+        away) and unmapped after it. False, doing nothing, when the pool cannot lend the scratch and the
+        warm-up's KV pages now."""
         if self.graphs_captured or self.model is None:
             return self.graphs_captured
         if self.weights_mapped:
             self._prepare_graphs()
             return True
-        if self.weights.num_pages + CAPTURE_KV_PAGES > self.pool.num_free_pages:
+        if self.pool.scratch_pages_for(self.weights) + CAPTURE_KV_PAGES > self.pool.num_free_pages:
             return False
-        if not self.pool.map_pages(self.weights, range(self.weights.num_pages)):
+        if not self.pool.map_scratch(self.weights):
             return False
         try:
             self._prepare_graphs()
@@ -221,7 +223,7 @@ class Engine:
                 self.kv.free(self._scratch)
                 self._scratch = None
             self.kv.trim(0)
-            self._unmap_weights()
+            self.pool.unmap_scratch(self.weights)
         return True
 
     # --- activation -------------------------------------------------------------------------------
