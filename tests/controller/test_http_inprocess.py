@@ -182,3 +182,35 @@ def test_a_request_failed_by_an_eviction_says_when_to_retry():
 
     response = ERROR_KINDS["unavailable"]("the model was evicted (admin)").response()
     assert response.status_code == 503 and int(response.headers["retry-after"]) >= 1
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(registry, catalog, monkeypatch):
+    """Regression: prompts were tokenized on the event loop; a 2 MB chat body held /health for 3.7 s on a
+    2-core CPU. A long one (completion or chat) is now tokenized on a thread; a short one stays inline."""
+    import threading
+
+    from controller.tokenizer import ModelTokenizer
+
+    seen: list[tuple[str, int, bool]] = []  # (what, characters, on the event loop's thread)
+    for name in ("encode", "apply_chat_template"):
+        real = getattr(ModelTokenizer, name)
+
+        def recording(self, text, *args, _real=real, _name=name):
+            size = len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
+            seen.append((_name, size, threading.current_thread() is threading.main_thread()))
+            return _real(self, text, *args)
+
+        monkeypatch.setattr(ModelTokenizer, name, recording)
+    long = "a long prompt " * 2000
+    responses = call(
+        registry, catalog,
+        ("POST", "/v1/completions", {"json": {"model": TINY, "prompt": long, "max_tokens": 1}}),
+        chat(messages=[{"role": "user", "content": long}]),
+        ("GET", "/health", {}),
+    )
+    assert [r.status_code for r in responses[:2]] == [400, 400]  # longer than the model's context
+    assert all("maximum context length" in error_of(r)["message"] for r in responses[:2])
+    assert seen == [("encode", len(long), False), ("apply_chat_template", len(long), False)]
+    seen.clear()
+    call(registry, catalog, ("POST", "/v1/completions", {"json": {"model": TINY, "prompt": "Hello", "max_tokens": 1}}))
+    assert seen == [("encode", 5, True)]
