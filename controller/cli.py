@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -45,6 +44,7 @@ def serve(args: argparse.Namespace) -> None:
 
     from controller.app import create_app
     from controller.devices import CannotStart
+    from controller.http_server import AnnouncingServer, listening_socket
     from controller.server import Server
 
     registry = _load(args.config)
@@ -69,29 +69,16 @@ def serve(args: argparse.Namespace) -> None:
         print(f"prism: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
     port = sock.getsockname()[1]
-    print(f"prism-serve listening on http://{host}:{port} (models: {', '.join(catalog)})", flush=True)
+    print(f"prism-serve starting on http://{host}:{port}: workers for {', '.join(server.devices) or 'no local device'}, "
+          f"then the port opens", flush=True)
     config = uvicorn.Config(app, log_level=args.log_level.lower(), access_log=args.access_log, timeout_graceful_shutdown=30, log_config=None)
     # Imports, catalog and tokenizers live as long as the process: full collections need not walk them.
     logger.info("start-up heap: %s", freeze_heap().describe())
+    listening = f"prism-serve listening on http://{host}:{port} (models: {', '.join(catalog)})"
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        AnnouncingServer(config, listening).run(sockets=[sock])
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully, then re-raised the signal
         raise SystemExit(130) from None
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """The HTTP server's socket, bound (port 0: a free one).
-
-    Made with protocol IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
-    connections whose socket says TCP. With Nagle on, a response written in two parts (headers, body)
-    waited for the client's delayed ACK: about 40 ms on every request after a connection's first.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    return sock
 
 
 def prep(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
-from controller.cli import listening_socket
+from controller.http_server import listening_socket
 
 
 def test_connections_accepted_by_the_server_socket_have_nagle_off():
@@ -29,3 +29,41 @@ def test_connections_accepted_by_the_server_socket_have_nagle_off():
 
     assert listening_socket("127.0.0.1", 0).proto == socket.IPPROTO_TCP
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_listening_is_printed_once_the_port_accepts_connections(tmp_path):
+    """Regression: "prism-serve listening on ..." was printed before the workers started, about 9 s before
+    the demo's port accepted a connection; a client that believed it got "connection refused"."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from controller.registry import default_registry_path
+    from tests.controller.server_process import LISTEN_LINE, ServerProcess, stop_server
+
+    config = tmp_path / "registry.yaml"
+    config.write_text(f"""
+devices: [cpu]
+memory: {{cpu_budget_bytes: 256MiB}}
+models:
+  - {{name: tiny, load_format: dummy, config: {default_registry_path().parent / 'tiny-llama.json'}, pinned: true}}
+""")
+    process = subprocess.Popen([sys.executable, "-m", "controller.cli", "serve", "--config", str(config), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    server = ServerProcess(process)
+    try:
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            match = LISTEN_LINE.search(line)
+            if match:
+                break
+        assert match, "".join(lines)
+        assert any("starting on http://" in line for line in lines), "the address is told while the workers start"
+        with socket.create_connection((match.group(1).split("//")[1].rsplit(":", 1)[0], int(match.group(1).rsplit(":", 1)[1])), timeout=5):
+            pass  # refused before the fix
+        assert httpx.get(match.group(1) + "/health", timeout=10).status_code in (200, 503)
+    finally:
+        stop_server(server)
+        process.stdout.close()
