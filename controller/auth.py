@@ -31,8 +31,7 @@ class AdminDisabled(APIError):
 class Auth:
     def __init__(self, server: ServerConfig, environ: dict | None = None):
         environ = os.environ if environ is None else environ
-        raw_keys = environ.get(server.api_keys_env, "") if server.api_keys_env else ""
-        self.api_keys = [k.strip() for k in raw_keys.split(",") if k.strip()]
+        self.api_keys = api_keys(server, environ)
         self.admin_token = environ.get(server.admin_token_env, "").strip() if server.admin_token_env else ""
         self.admin_token_env = server.admin_token_env
         if not self.api_keys and not _is_loopback(server.host):
@@ -52,6 +51,18 @@ class Auth:
         given = _bearer(request)
         if given is None or not _same(given, self.admin_token):
             raise Unauthorized("missing or invalid admin token (send Authorization: Bearer <token>)")
+
+
+def api_keys(server: ServerConfig, environ: dict | None = None) -> list[str]:
+    """The API keys in the variable `server.api_keys_env` names (comma-separated); [] when none."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(server.api_keys_env, "") if server.api_keys_env else ""
+    return [k.strip() for k in raw.split(",") if k.strip()]
+
+
+def bearer(request: Request) -> str | None:
+    """The token of an `Authorization: Bearer` header, if there is one."""
+    return _bearer(request)
 
 
 def _same(given: str, secret: str) -> bool:

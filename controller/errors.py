@@ -77,6 +77,13 @@ class Overloaded(APIError):
     code = "rate_limit_exceeded"
 
 
+class ActivationBudgetExceeded(Overloaded):
+    """The caller has caused its share of cold loads this minute (`server.caller_activations`); it may ask for
+    models that are already active now, and for a cold one after Retry-After."""
+
+    code = "activation_budget_exceeded"
+
+
 class Unavailable(APIError):
     """No worker can serve the model right now (starting, restarting, loading); retry after Retry-After."""
 

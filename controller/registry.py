@@ -48,6 +48,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CallerActivations(_Strict):
+    """Cold loads one caller may cause (controller/caller_budget.py): `per_minute` a minute, in bursts of up
+    to `burst`; past that its requests for models that are not active get 429 with Retry-After. The caller
+    is the API key it presented, or its address where the server has none."""
+
+    enabled: Literal["auto", "always", "never"] = "auto"
+    """"auto": when API keys are configured (tenants to keep apart); "always": also per client address."""
+    per_minute: float = Field(30.0, gt=0)
+    burst: int = Field(10, ge=1)
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     """Address the OpenAI and admin API bind to."""
@@ -85,6 +96,7 @@ class ServerConfig(_Strict):
     """A worker that joined over the network and sends no heartbeat for this long has left: its requests
     fail and its models are placed on other devices. (A spawned worker's exit is seen at once.)"""
 
+    caller_activations: CallerActivations = Field(default_factory=CallerActivations)
     admin_model_roots: list[str] | None = None
     """Folders whose files a model added or changed through the admin API may name (`path`, `gguf`,
     `config`, a `tokenizer` folder), symlinks followed; a path outside them is refused with the same answer

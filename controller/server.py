@@ -16,6 +16,8 @@ from pathlib import Path
 
 import msgspec
 
+from controller.auth import api_keys
+from controller.caller_budget import ActivationBudget
 from controller.catalog import CatalogEntry, build_catalog
 from controller.channel import WorkerChannel
 from controller.devices import models_beyond_budget, resolve_devices
@@ -94,7 +96,13 @@ class Server:
             self.manager.runtimes[name].error = why
         self._catalog = None
         self.client = EngineClient(self.manager, self.registry.server)
-        self.serving = OpenAIServing(self.manager, self.client, self.registry.server, self.metrics)
+        self.serving = OpenAIServing(self.manager, self.client, self.registry.server, self.metrics, self._activation_budget())
+
+    def _activation_budget(self) -> ActivationBudget | None:
+        budget = self.registry.server.caller_activations
+        if budget.enabled == "never" or (budget.enabled == "auto" and not api_keys(self.registry.server)):
+            return None
+        return ActivationBudget(budget.per_minute, budget.burst)
 
     def channel_secret(self) -> str | None:
         """The operator's channel secret (`server.worker_secret_env`); None: the channel makes one."""

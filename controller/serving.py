@@ -20,17 +20,22 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from controller.auth import bearer
+from controller.caller_budget import ActivationBudget, caller_of
 from controller.catalog import CatalogEntry
 from controller.engine_client import EngineClient, RoutedStream
-from controller.errors import APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
+from controller.errors import ActivationBudgetExceeded, APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
 from controller.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_request_id, now_s
 from controller.metrics import Metrics
 from controller.models import ModelManager
 from controller.registry import ServerConfig
 from controller.tokenizer import Detokenizer
+from scheduler.cluster import ModelState
 from workers.contract.messages import SamplingParams, TokenDelta
 
 logger = logging.getLogger("prism.requests")
+
+COLD_STATES = (ModelState.INACTIVE, ModelState.EVICTING)  # a request for the model starts an activation
 
 # Prompts of more characters are tokenized (chat template included) on threads of their own, not on the
 # event loop: a 2 MB prompt took 3.3 s to tokenize on a 2-core CPU, and /health waited as long. Shorter
@@ -111,11 +116,13 @@ def _sse(payload: dict | str) -> str:
 
 
 class OpenAIServing:
-    def __init__(self, models: ModelManager, client: EngineClient, limits: ServerConfig, metrics: Metrics | None = None):
+    def __init__(self, models: ModelManager, client: EngineClient, limits: ServerConfig, metrics: Metrics | None = None,
+                 activation_budget: ActivationBudget | None = None):
         self.models = models
         self.client = client
         self.limits = limits
         self.metrics = metrics
+        self.activation_budget = activation_budget  # None: callers may cause any number of cold loads
         self._tokenize_limiter: anyio.CapacityLimiter | None = None  # made on the event loop, at first use
 
     # --- endpoints --------------------------------------------------------------------------------
@@ -210,6 +217,7 @@ class OpenAIServing:
         # reach streaming clients as real statuses.
         resources = contextlib.AsyncExitStack()
         try:
+            self._charge_cold_load(gen.entry.name, raw)
             stream = await resources.enter_async_context(
                 self.client.open_stream(gen.req_id, gen.entry.name, gen.prompt_token_ids, gen.sampling)
             )
@@ -229,6 +237,21 @@ class OpenAIServing:
             raise
         finally:
             self._record(gen, outcome)
+
+    def _charge_cold_load(self, model: str, raw: Request) -> None:
+        """A request for a model that is neither active nor on its way costs its caller one activation."""
+        runtime = self.models.runtimes.get(model)
+        if self.activation_budget is None or runtime is None or runtime.state not in COLD_STATES:
+            return
+        caller = caller_of(bearer(raw), raw.client.host if raw.client else None)
+        wait_s = self.activation_budget.charge(caller)
+        if wait_s is not None:
+            budget = self.limits.caller_activations
+            raise ActivationBudgetExceeded(
+                f"model {model!r} is not active, and this caller has caused its {budget.per_minute:g} activations a "
+                f"minute (bursts of {budget.burst}); active models still answer. Retry after {wait_s:.0f} s",
+                retry_after_s=wait_s,
+            )
 
     async def _collect(self, gen: Generation, fmt: ResponseFormat, stream: RoutedStream) -> dict:
         detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
