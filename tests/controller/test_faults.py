@@ -135,6 +135,30 @@ def test_killed_mid_activation(server):
     assert served(server, SMOL) and served(server, TINY)
 
 
+def test_a_request_while_the_worker_restarts_causes_no_activation_storm(server):
+    """Regression: one request that arrived while the worker restarted made the controller retry its
+    activation about 1,800 times a second (9,535 log lines; 998 of the event log's 1,000 entries were
+    `activation_failed`, pushing `worker_exited` out). It now waits for the worker, then activates once."""
+
+    def events(kind: str) -> list[dict]:
+        return [e for e in admin(server, "GET", "/events", params={"limit": 1000}).json()["events"] if e["kind"] == kind]
+
+    assert admin(server, "POST", f"/models/{TINY}/evict").json()["state"] == "inactive"
+    failed_before, exited_before = len(events("activation_failed")), len(events("worker_exited"))
+
+    async def scenario():
+        client = openai.AsyncOpenAI(base_url=server.api_url, api_key="unused", max_retries=0, timeout=120)
+        old = kill_worker(server)
+        response = await client.completions.create(model=TINY, prompt="Hello", max_tokens=3)  # sent at once
+        return old, response.usage.completion_tokens
+
+    old, tokens = asyncio.run(scenario())
+    assert tokens == 3
+    wait_restored(server, old)
+    assert len(events("activation_failed")) - failed_before <= 1
+    assert len(events("worker_exited")) > exited_before, "the exit is still in the event log"
+
+
 def test_two_hundred_clients_disconnecting_mid_stream_leave_the_pool_idle(server):
     async def one(client: httpx.AsyncClient, i: int) -> bool:
         body = {"model": TINY if i % 4 else SMOL, "prompt": f"story {i}", "max_tokens": 1500, "stream": True, "ignore_eos": True}
