@@ -214,3 +214,40 @@ def test_a_long_prompt_is_tokenized_off_the_event_loop(registry, catalog, monkey
     seen.clear()
     call(registry, catalog, ("POST", "/v1/completions", {"json": {"model": TINY, "prompt": "Hello", "max_tokens": 1}}))
     assert seen == [("encode", 5, True)]
+
+
+UNSUPPORTED = [  # (route, field, a value the server refuses, the one it accepts)
+    ("/v1/completions", "n", 2, 1),
+    ("/v1/completions", "presence_penalty", 0.5, 0),
+    ("/v1/completions", "frequency_penalty", -1.0, 0.0),
+    ("/v1/completions", "logit_bias", {"50": 1.0}, {}),
+    ("/v1/completions", "repetition_penalty", 1.2, 1.0),
+    ("/v1/completions", "echo", True, False),
+    ("/v1/completions", "logprobs", 2, None),
+    ("/v1/completions", "best_of", 3, 1),
+    ("/v1/completions", "suffix", "end", None),
+    ("/v1/chat/completions", "logprobs", True, False),
+    ("/v1/chat/completions", "top_logprobs", 2, 0),
+    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}], []),
+    ("/v1/chat/completions", "tool_choice", "auto", "none"),
+    ("/v1/chat/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
+]
+
+
+def test_the_openapi_schema_refuses_what_the_server_refuses(registry, catalog):
+    """Regression: /openapi.json accepted values the server rejects (`n: 2`, penalties, `echo`, `tools`,
+    ...), so clients generated from it, and schema fuzzers, sent requests that could only fail."""
+    import jsonschema
+
+    spec = create_app(registry, default_cache_dir()).openapi()
+    validators = {}
+    for route, component in (("/v1/completions", "CompletionRequest"), ("/v1/chat/completions", "ChatCompletionRequest")):
+        schema = {"$ref": f"#/components/schemas/{component}", "components": spec["components"]}
+        validators[route] = jsonschema.Draft202012Validator(schema)
+    bases = {"/v1/completions": {"model": TINY, "prompt": "Hi", "max_tokens": 1},
+             "/v1/chat/completions": {"model": TINY, "messages": QUESTION, "max_tokens": 1}}
+    refused = call(registry, catalog, *(("POST", route, {"json": {**bases[route], field: bad}}) for route, field, bad, _ in UNSUPPORTED))
+    for (route, field, bad, good), response in zip(UNSUPPORTED, refused):
+        assert response.status_code == 400 and error_of(response)["param"] == field, (field, response.text)
+        assert not validators[route].is_valid({**bases[route], field: bad}), f"the schema accepts {field}={bad!r}"
+        assert validators[route].is_valid({**bases[route], field: good}), f"the schema refuses {field}={good!r}"
