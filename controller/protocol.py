@@ -58,7 +58,20 @@ class StreamOptions(_Request):
     continuous_usage_stats: bool = False
 
 
-class _SamplingFields(_Request):
+class _TextRequest(_Request):
+    """A request whose text a tokenizer will read: every string must be valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = first_invalid_text(data)
+        if found is not None:
+            path, char = found
+            raise FieldError(path, f"`{path}` is not valid Unicode: it holds a lone surrogate ({char})")
+        return data
+
+
+class _SamplingFields(_TextRequest):
     """Fields shared by completions and chat completions."""
 
     model: Annotated[str, Field(min_length=1, max_length=256)]
@@ -79,15 +92,6 @@ class _SamplingFields(_Request):
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
     repetition_penalty: Annotated[float | None, Field(json_schema_extra=ONLY(None, 1))] = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _valid_unicode(cls, data: Any) -> Any:
-        found = first_invalid_text(data)
-        if found is not None:
-            path, char = found
-            raise FieldError(path, f"`{path}` is not valid Unicode: it holds a lone surrogate ({char})")
-        return data
 
     @field_validator("stop")
     @classmethod
@@ -201,6 +205,40 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeCompletionRequest(_TextRequest):
+    """`POST /tokenize` of a prompt (vLLM's extension, which benchmark clients use to check alignment)."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_TextRequest):
+    """`POST /tokenize` of chat messages, through the model's chat template."""
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 # --- responses (plain dicts are built from these for speed in the streaming path) -------------------

@@ -25,7 +25,19 @@ from controller.caller_budget import ActivationBudget, caller_of
 from controller.catalog import CatalogEntry
 from controller.engine_client import EngineClient, RoutedStream
 from controller.errors import ActivationBudgetExceeded, APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
-from controller.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, new_request_id, now_s
+from controller.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+    new_request_id,
+    now_s,
+)
 from controller.metrics import Metrics
 from controller.models import ModelManager
 from controller.registry import ServerConfig
@@ -157,11 +169,29 @@ class OpenAIServing:
         gen = self._generation("chatcmpl", entry, request, prompt_ids, request.requested_max_tokens)
         return await self._respond(gen, ChatFormat(), raw)
 
+    async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
+        entry = self._entry(request.model)
+        tokenizer = entry.tokenizer
+        if isinstance(request, TokenizeChatRequest):
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
+            size = sum(len(m["content"]) for m in messages)
+            ids = await self._tokenize(size, tokenizer.apply_chat_template, messages, request.add_generation_prompt)
+        else:
+            ids = await self._tokenize(len(request.prompt), tokenizer.encode, request.prompt, request.add_special_tokens)
+        strs = tokenizer.token_strs(ids) if request.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=entry.max_model_len, tokens=ids, token_strs=strs)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        entry = self._entry(request.model)
+        if any(t >= entry.arch.vocab_size for t in request.tokens):
+            raise InvalidRequest(f"token ids must be below the vocabulary size {entry.arch.vocab_size}", param="tokens")
+        return DetokenizeResponse(prompt=await self._tokenize(len(request.tokens), entry.tokenizer.decode, request.tokens))
+
     # --- preparation ------------------------------------------------------------------------------
 
-    async def _tokenize(self, num_chars: int, tokenize, *args) -> list[int]:
-        """`tokenize(*args)`, off the event loop for a long text (TOKENIZE_INLINE_CHARS). The tokenizers'
-        Rust code releases the GIL, so the loop keeps serving while a long prompt is tokenized."""
+    async def _tokenize(self, num_chars: int, tokenize, *args):
+        """`tokenize(*args)`, off the event loop for a long text (TOKENIZE_INLINE_CHARS; for decoding, as
+        many token ids). The tokenizers' Rust code releases the GIL, so the loop keeps serving meanwhile."""
         if num_chars <= TOKENIZE_INLINE_CHARS:
             return tokenize(*args)
         if self._tokenize_limiter is None:

@@ -34,8 +34,15 @@ class ModelTokenizer:
             ids.append(self.hf.eos_token_id)
         return sorted(set(ids))
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=True)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of these ids, special tokens included (what `/detokenize` answers)."""
+        return self.hf.decode(token_ids, skip_special_tokens=False)
+
+    def token_strs(self, token_ids: list[int]) -> list[str]:
+        return self.hf.convert_ids_to_tokens(token_ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         if not self.hf.chat_template:

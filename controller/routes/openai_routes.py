@@ -6,7 +6,18 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from controller.auth import require_api_key
-from controller.protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from controller.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
 
 router = APIRouter()
 v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
@@ -55,4 +66,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _server(request).serving.chat(body, request)
 
 
+# vLLM's extensions, at the root as vLLM serves them (`vllm bench serve` checks its tokenizer against them).
+extensions = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@extensions.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
+async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> TokenizeResponse:
+    """A prompt's token ids (`prompt`), or chat messages' through the model's chat template (`messages`)."""
+    return await _server(request).serving.tokenize(body)
+
+
+@extensions.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return await _server(request).serving.detokenize(body)
+
+
 router.include_router(v1)
+router.include_router(extensions)

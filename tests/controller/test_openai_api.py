@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -199,3 +200,26 @@ def test_unknown_route_is_404_in_openai_format(demo_server):
 def test_oversized_body_is_413(demo_server):
     response = httpx.post(demo_server.api_url + "/completions", json={"model": TINY, "prompt": "x" * (5 * 1024 * 1024)})
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_tokenize_and_detokenize_agree_with_the_models_tokenizer(demo_server, client, prepared_smollm2):
+    """Regression: there was no POST /tokenize or /detokenize (vLLM's extensions), so `vllm bench serve`
+    skipped its check that its tokenizer counts as the server's."""
+    tokenizer = AutoTokenizer.from_pretrained(prepared_smollm2)
+    base = demo_server.base_url
+    text = "The capital of France is Paris. Ünïcödé too."
+    tokens = httpx.post(f"{base}/tokenize", json={"model": SMOL, "prompt": text, "return_token_strs": True}).json()
+    assert tokens["tokens"] == tokenizer.encode(text) and tokens["count"] == len(tokens["tokens"])
+    assert tokens["token_strs"] == tokenizer.convert_ids_to_tokens(tokens["tokens"]) and tokens["max_model_len"] == 8192
+    chat = httpx.post(f"{base}/tokenize", json={"model": SMOL, "messages": QUESTION}).json()
+    expected = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert chat["tokens"] == list(expected) and chat["token_strs"] is None
+    usage = client.chat.completions.create(model=SMOL, messages=QUESTION, max_tokens=1).usage
+    assert usage.prompt_tokens == chat["count"], "what /tokenize counts is what the request is charged"
+    back = httpx.post(f"{base}/detokenize", json={"model": SMOL, "tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": tokenizer.decode(tokens["tokens"])}
+    for path, body, param in (("/detokenize", {"model": SMOL, "tokens": [10**9]}, "tokens"),
+                              ("/tokenize", {"model": "no-such-model", "prompt": "x"}, "model"),
+                              ("/tokenize", {"model": SMOL, "prompt": "\ud800"}, "prompt")):
+        refused = httpx.post(f"{base}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
+        assert refused.status_code in (400, 404) and refused.json()["error"]["param"] == param, refused.text
