@@ -1,19 +1,25 @@
 """Soak test: mixed traffic over every model for a long time, with random disconnects; nothing may leak.
 
     python benchmarks/soak.py [--duration 600] [--clients 8] [--config configs/demo.yaml]
+    python benchmarks/soak.py --config configs/soak-swapping.yaml --out benchmarks/results/soak-swapping-cpu.json
 
 Each client loops: a random model, endpoint (chat or completions), streaming or not, output length, and
 sometimes a request it abandons mid-stream or one that is invalid on purpose. Pass criteria: zero 5xx,
 zero lost requests (every request answered, errored, or deliberately abandoned), controller and worker
-resident memory flat (start vs end, after a warm-up), the pool back to idle at the end. Writes JSON.
+resident memory flat (start vs end, after a warm-up), the pool back to idle at the end, and, once the server
+has stopped (SIGTERM), none of its weight images left in /dev/shm. With a registry larger than the budget
+(configs/soak-swapping.yaml) the models keep swapping: activations and evictions during the soak are
+counted (from /metrics). Writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import glob
 import json
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -90,6 +96,17 @@ async def run_clients(url: str, models: list[str], clients: int, duration_s: flo
     return stats
 
 
+def swaps(base_url: str) -> dict[str, float]:
+    """Activations and evictions so far, summed over models (Prometheus counters from /metrics)."""
+    text = httpx.get(base_url + "/metrics", timeout=30).text
+    totals = {"activations": 0.0, "evictions": 0.0}
+    for line in text.splitlines():
+        match = re.match(r"prism:model_(activations|evictions)_total\{(.*)\} (\S+)$", line)
+        if match and ('outcome="ok"' in match.group(2) or match.group(1) == "evictions"):
+            totals[match.group(1)] += float(match.group(3))
+    return totals
+
+
 def rss_mib(pid: int) -> float:
     return psutil.Process(pid).memory_info().rss / 2**20
 
@@ -110,6 +127,7 @@ def main() -> None:
         controller_pid, worker_pid = server.process.pid, server.worker_pid()
         warm = asyncio.run(run_clients(server.base_url, models, args.clients, args.warmup, args.seed + 1))
         start_rss = {"controller": rss_mib(controller_pid), "worker": rss_mib(worker_pid)}
+        swaps_before = swaps(server.base_url)
         started = time.monotonic()
         stats = asyncio.run(run_clients(server.base_url, models, args.clients, args.duration, args.seed))
         elapsed = time.monotonic() - started
@@ -120,10 +138,12 @@ def main() -> None:
 
         wait_until(idle, 60, 0.5, "the pool back to idle")
         end_rss = {"controller": rss_mib(controller_pid), "worker": rss_mib(worker_pid)}
+        swaps_after = swaps(server.base_url)
         pool = server.health()["workers"]["cpu"]["pool"]
         same_worker = server.worker_pid() == worker_pid
     finally:
-        stop_server(server)
+        exit_code = stop_server(server)
+    left_in_shm = sorted(glob.glob(f"/dev/shm/prism-weights-{server.process.pid}-*"))
     server_errors = sum(v for k, v in stats.items() if k.startswith("status_5"))
     result = {
         "benchmark": "soak",
@@ -138,14 +158,22 @@ def main() -> None:
         "lost_requests": stats["lost"],
         "rss_mib": {"start": start_rss, "end": end_rss},
         "pool_at_end": {"kv_pages": pool["kv_pages_by_model"], "pages_mapped": pool["pages_mapped"]},
+        "config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+        "models": models,
+        "activations_during_soak": swaps_after["activations"] - swaps_before["activations"],
+        "evictions_during_soak": swaps_after["evictions"] - swaps_before["evictions"],
+        "exit_code_after_sigterm": exit_code,
+        "left_in_dev_shm_after_exit": left_in_shm,
         "worker_restarts_during_soak": 0 if same_worker else 1,
         "lost_details": LOST,
         "server_warnings": [line.strip() for line in server.output if " WARNING " in line or " ERROR " in line][-50:],
-        "pass": server_errors + stats["stream_errors"] == 0 and stats["lost"] == 0 and not pool["kv_pages_by_model"] and same_worker,
+        "pass": (server_errors + stats["stream_errors"] == 0 and stats["lost"] == 0 and not pool["kv_pages_by_model"] and same_worker
+                 and not left_in_shm),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("duration_s", "requests", "server_errors_5xx", "lost_requests", "rss_mib", "pool_at_end", "pass")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("duration_s", "requests", "server_errors_5xx", "lost_requests", "rss_mib", "pool_at_end",
+                                             "activations_during_soak", "evictions_during_soak", "left_in_dev_shm_after_exit", "pass")}, indent=1))
 
 
 if __name__ == "__main__":
