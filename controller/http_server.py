@@ -6,6 +6,8 @@ import socket
 
 import uvicorn
 
+from controller.warmup import warm_up
+
 
 class AnnouncingServer(uvicorn.Server):
     """Prints `line` once the port accepts connections: after the lifespan's start-up (the workers
@@ -18,8 +20,22 @@ class AnnouncingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
-        if self.started:
-            print(self.line, flush=True)
+        if not self.started:
+            return
+        if sockets:  # the server's first request is its own, not a client's (controller/warmup.py)
+            app = self.config.app
+            await warm_up(app, app.state.server, "http://" + _loopback_address(sockets[0]))
+        print(self.line, flush=True)
+
+
+def _loopback_address(sock: socket.socket) -> str:
+    """host:port to reach a listening socket from this host (a wildcard address through loopback)."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hmac
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Protocol
@@ -48,6 +50,7 @@ from workers.contract.messages import SamplingParams, TokenDelta
 logger = logging.getLogger("prism.requests")
 
 COLD_STATES = (ModelState.INACTIVE, ModelState.EVICTING)  # a request for the model starts an activation
+WARMUP_HEADER = "x-prism-warmup"  # with OpenAIServing.warmup_token: the server's own warm-up, left out of the metrics
 
 # Prompts of more characters are tokenized (chat template included) on threads of their own, not on the
 # event loop: a 2 MB prompt took 3.3 s to tokenize on a 2-core CPU, and /health waited as long. Shorter
@@ -78,6 +81,7 @@ class Generation:
     first_token_s: float | None = None
     last_token_s: float | None = None
     num_output_tokens: int = 0
+    counted: bool = True  # in the metrics; False for the server's own warm-up request (controller/warmup.py)
 
     def observe(self, delta: TokenDelta) -> None:
         if delta.token_ids:
@@ -135,6 +139,7 @@ class OpenAIServing:
         self.limits = limits
         self.metrics = metrics
         self.activation_budget = activation_budget  # None: callers may cause any number of cold loads
+        self.warmup_token = secrets.token_hex(16)  # a request carrying it in WARMUP_HEADER is the server's own
         self._tokenize_limiter: anyio.CapacityLimiter | None = None  # made on the event loop, at first use
 
     # --- endpoints --------------------------------------------------------------------------------
@@ -159,6 +164,7 @@ class OpenAIServing:
             if max(prompt_ids) >= entry.arch.vocab_size:
                 raise InvalidRequest(f"token ids must be below the vocabulary size {entry.arch.vocab_size}", param="prompt")
         gen = self._generation("cmpl", entry, request, prompt_ids, request.max_tokens)
+        gen.counted = not self._is_warmup(raw)
         return await self._respond(gen, CompletionFormat(), raw)
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
@@ -167,6 +173,7 @@ class OpenAIServing:
         size = sum(len(message["content"]) for message in messages)
         prompt_ids = await self._tokenize(size, entry.tokenizer.apply_chat_template, messages, request.add_generation_prompt)
         gen = self._generation("chatcmpl", entry, request, prompt_ids, request.requested_max_tokens)
+        gen.counted = not self._is_warmup(raw)
         return await self._respond(gen, ChatFormat(), raw)
 
     async def tokenize(self, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
@@ -186,6 +193,9 @@ class OpenAIServing:
         if any(t >= entry.arch.vocab_size for t in request.tokens):
             raise InvalidRequest(f"token ids must be below the vocabulary size {entry.arch.vocab_size}", param="tokens")
         return DetokenizeResponse(prompt=await self._tokenize(len(request.tokens), entry.tokenizer.decode, request.tokens))
+
+    def _is_warmup(self, raw: Request) -> bool:
+        return hmac.compare_digest(raw.headers.get(WARMUP_HEADER, "").encode("latin-1", "replace"), self.warmup_token.encode())
 
     # --- preparation ------------------------------------------------------------------------------
 
@@ -339,7 +349,7 @@ class OpenAIServing:
         context = {"req_id": gen.req_id, "model": gen.entry.name, "outcome": outcome, "prompt_tokens": len(gen.prompt_token_ids),
                    "completion_tokens": gen.num_output_tokens, "e2e_s": round(e2e, 4)}
         logger.log(logging.WARNING if outcome in ("error", "rejected") else logging.DEBUG, "request finished", extra=context)
-        if self.metrics is None:
+        if self.metrics is None or not gen.counted:
             return
         ttft = tpot = None
         if gen.first_token_s is not None:

@@ -31,9 +31,10 @@ def test_connections_accepted_by_the_server_socket_have_nagle_off():
     assert asyncio.run(accepted_nodelay()) != 0
 
 
-def test_listening_is_printed_once_the_port_accepts_connections(tmp_path):
+def test_listening_is_printed_once_the_port_accepts_connections_and_the_server_is_warm(tmp_path):
     """Regression: "prism-serve listening on ..." was printed before the workers started, about 9 s before
-    the demo's port accepted a connection; a client that believed it got "connection refused"."""
+    the demo's port accepted a connection; a client that believed it got "connection refused". Before it is
+    printed now, the server has made its own first request (controller/warmup.py), not counted."""
     import subprocess
     import sys
 
@@ -64,6 +65,10 @@ models:
         with socket.create_connection((match.group(1).split("//")[1].rsplit(":", 1)[0], int(match.group(1).rsplit(":", 1)[1])), timeout=5):
             pass  # refused before the fix
         assert httpx.get(match.group(1) + "/health", timeout=10).status_code in (200, 503)
+        warm = [line for line in lines if "warm-up:" in line]
+        assert warm and "request(s) to tiny" in warm[0], "the server's first request was its own, before listening"
+        metrics = httpx.get(match.group(1) + "/metrics", timeout=10).text
+        assert not [line for line in metrics.splitlines() if line.startswith("prism:requests_total{")], "left out of the metrics"
     finally:
         stop_server(server)
         process.stdout.close()
