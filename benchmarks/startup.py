@@ -7,8 +7,8 @@ prepared, then from `kill -9` of a worker to every model it held served again, m
 Writes JSON (command, date, card) to --out: `serve_to_ready_s` (the server answers and its start-up
 activations are done), `serve_to_all_staged_s` (every model's module built and image staged and pinned),
 `serve_to_all_prepared_s` (every worker reports every model prepared, graphs included; null if some
-model's graphs still wait after --graphs-timeout: a full pool cannot lend a non-resident model the pages
-to capture them, so they are captured after its activation; `not_prepared` names them),
+model's graphs still wait after --graphs-timeout, which `not_prepared` names: a capture ahead borrows the
+pool's capture scratch and ~130 MB of KV pages, which a pool full to the last page cannot lend),
 `kill9_to_all_served_s` (the last first token of a client per model that was resident, all started right
 after the kill, each sending its request again after an error), `kill9_to_worker_ready_s` (the restarted
 worker, or its standby, ready), and per model its time to first token after the kill and its failed
