@@ -283,12 +283,12 @@ def test_gpu_the_heap_freeze_after_a_capture_ahead_waits_for_idleness(monkeypatc
         while engine.graphs is None:
             assert time.perf_counter() < deadline, "captured once idle"
             loop.step()
-        captured_s = time.perf_counter()
+        captured_s = time.perf_counter()  # a little after the loop noted the capture's end
         loop.step()  # the next idle turn: a request for the model is likely in transit now
-        assert frozen == [] or frozen[0] - captured_s >= 0.3
+        assert frozen == []
         while not frozen and time.perf_counter() < deadline:
             loop.step()
-        assert frozen and frozen[0] - captured_s >= 0.3
+        assert frozen and frozen[0] - captured_s >= 0.25  # before the fix: at the next turn, within milliseconds
     finally:
         loop.close()
         store.drop_all(unlink=True)
