@@ -387,6 +387,8 @@ class WorkerHandle:
     def _on_heartbeat(self, message: m.Heartbeat) -> None:
         self.last_heartbeat = message
         self.last_heartbeat_s = time.monotonic()
+        if message.pool.budget_bytes:  # it shrinks as CUDA graphs are captured (their memory is charged to it)
+            self.pool_budget_bytes = message.pool.budget_bytes
         if self.on_heartbeat is not None and self.state == "ready":
             self.on_heartbeat(self, message)
 

@@ -78,6 +78,7 @@ class DeviceLoop:
         # Not before then: a model just captured ahead is "prepared" now, and a request for it is likely on its
         # way (a freeze at the next idle turn held such requests' first tokens back by up to 0.2 s on an H100).
         self._freeze_not_before = 0.0
+        self._graph_pages: dict[str, int] = {}  # model -> pages taken off the pool's budget for its graphs' memory
         self.idle_before_capture_s = idle_before_capture_s
         self._failed: dict[str, str] = {}  # model -> why its last preparation failed
         self._activations: dict[str, tuple[float, int | None]] = {}  # waiting for their preparation: asked at, KV cap
@@ -307,6 +308,7 @@ class DeviceLoop:
         runner, whose steps should be the replayed ones)."""
         self.finish_running_step()
         self.engines[name].capture_graphs()
+        self._charge_graph_memory(name, self.engines[name])
         self._eager_since.pop(name, None)
 
     def _capture_graphs(self) -> None:
@@ -344,11 +346,26 @@ class DeviceLoop:
                 logger.error("capturing the graphs of %s failed:\n%s", name, traceback.format_exc())
                 continue
             if captured:
+                self._charge_graph_memory(name, engine)
                 self._freeze_not_before = time.perf_counter() + self.idle_before_capture_s
                 when = "after it ran eager" if self._eager_since.pop(name, None) is not None else "ahead of its activation"
                 logger.info("captured the CUDA graphs of %s %s in %.3f s", name, when, time.perf_counter() - started)
                 self._freeze_when_idle = True
                 return
+
+    def _charge_graph_memory(self, name: str, engine: Engine) -> None:
+        """Take what a capture left held on the device (graph pools, warm-up buffers: torch's allocator, outside
+        the pool) off the pool's budget, for as long as the engine lives, so that the pool's accounting is the
+        device's truth; the heartbeat's budget tells the controller. (Mapped pages over the smaller budget
+        stay mapped; maps wait until enough are unmapped: memory/pool.py.)"""
+        if engine.graph_bytes <= 0 or name in self._graph_pages:
+            return
+        pages = -(-engine.graph_bytes // self.pool.page_bytes)
+        self._graph_pages[name] = pages
+        over = self.pool.set_budget(max(0, self.pool.budget_pages - pages) * self.pool.page_bytes)
+        logger.info("the CUDA graphs of %s hold %.0f MiB outside the pool: its budget is %.2f GiB now%s", name,
+                    engine.graph_bytes / 2**20, self.pool.budget_pages * self.pool.page_bytes / 2**30,
+                    f" ({over} mapped pages over it)" if over else "")
 
     @staticmethod
     def _activated(engine: Engine) -> m.ModelActivated:
@@ -400,6 +417,10 @@ class DeviceLoop:
             engine.close()
             del engine
             collect_frozen()  # its objects were frozen at activation: reference cycles among them are freed now
+        pages = self._graph_pages.pop(name, 0)
+        if pages:  # its graphs are gone: what they held goes back to the device, then to the pool
+            torch.cuda.empty_cache()
+            self.pool.set_budget((self.pool.budget_pages + pages) * self.pool.page_bytes)
 
     def _on_generate(self, message: m.Generate) -> None:
         seq, error, kind = self.sequence(message)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 
 import httpx
+import msgspec
 import pytest
 import zmq
 import zmq.asyncio
@@ -269,3 +270,22 @@ def test_a_model_no_cpu_pool_can_hold_fails_its_requests_at_once_saying_why(cata
             await server.stop()
 
     asyncio.run(scenario())
+
+
+def test_the_pool_budget_a_heartbeat_reports_is_the_one_placement_plans_with(catalog):
+    """A worker's pool shrinks as CUDA graphs are captured (their memory is charged to it): the controller
+    planned with the budget of the worker's Ready message for good before."""
+
+    async def scenario(server, peer):
+        worker = server.workers["cpu"]
+        assert worker.pool_budget_bytes == POOL.budget_bytes
+        smaller = POOL.budget_bytes - 64 * 2**20
+        peer.send(m.Heartbeat(peer.worker_id, [stats(n) for n in sorted(peer.holds)],
+                              msgspec.structs.replace(POOL, budget_bytes=smaller), 0))
+        deadline = asyncio.get_running_loop().time() + 10
+        while worker.pool_budget_bytes != smaller:  # the heartbeat has no reply to wait for
+            assert asyncio.get_running_loop().time() < deadline, "the heartbeat's budget was not taken"
+            await asyncio.sleep(0.01)
+        assert {d.device_id: d.memory_bytes for d in server.manager.cluster_state().devices}["cpu"] == smaller
+
+    run(catalog, scenario)

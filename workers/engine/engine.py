@@ -143,6 +143,7 @@ class Engine:
         self.model: LlamaModel | None = None
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.graph_bytes = 0  # device memory its capture left held (graph pools, warm-up buffers): torch's, not the pool's
         self.split_min_decodes = SPLIT_MIN_DECODES
         self._scratch: list[int] | None = None
         self.weights_mapped = False
@@ -341,6 +342,7 @@ class Engine:
             return
         self._take_scratch()
         if self.graphs is None:
+            held_before = torch.cuda.memory_reserved(self.device)
             self._warm_up_prefill()
             max_blocks = -(-self.spec.max_model_len // self.block_size)
             self.graphs = DecodeGraphs(
@@ -353,6 +355,7 @@ class Engine:
                 max_tokens=self.spec.max_num_batched_tokens, max_blocks_per_seq=max_blocks,
             )
             self.prefill_graphs.capture()
+            self.graph_bytes = max(0, torch.cuda.memory_reserved(self.device) - held_before)
 
     @torch.inference_mode()
     def _warm_up_prefill(self) -> None:
