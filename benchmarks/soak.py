@@ -31,6 +31,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 LOST: list[dict] = []  # what each lost request was, for the report
+STREAM_ERRORS: list[dict] = []  # the error event of each stream that ended in one
 sys.path.insert(0, str(ROOT))
 
 from tests.controller.server_process import start_server, stop_server, wait_until  # noqa: E402
@@ -66,6 +67,7 @@ async def one_request(client: httpx.AsyncClient, url: str, models: list[str], rn
                         return
                     if line.startswith("data: ") and '"error"' in line:
                         stats["stream_errors"] += 1
+                        STREAM_ERRORS.append({"model": model, "error": line[6:][:300], "at": time.strftime("%H:%M:%S")})
                     if line == "data: [DONE]":
                         stats["completed"] += 1
                         return
@@ -166,6 +168,7 @@ def main() -> None:
         "left_in_dev_shm_after_exit": left_in_shm,
         "worker_restarts_during_soak": 0 if same_worker else 1,
         "lost_details": LOST,
+        "stream_error_details": STREAM_ERRORS,
         "server_warnings": [line.strip() for line in server.output if " WARNING " in line or " ERROR " in line][-50:],
         "pass": (server_errors + stats["stream_errors"] == 0 and stats["lost"] == 0 and not pool["kv_pages_by_model"] and same_worker
                  and not left_in_shm),
