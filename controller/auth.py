@@ -34,7 +34,7 @@ class Auth:
         self.api_keys = api_keys(server, environ)
         self.admin_token = environ.get(server.admin_token_env, "").strip() if server.admin_token_env else ""
         self.admin_token_env = server.admin_token_env
-        if not self.api_keys and not _is_loopback(server.host):
+        if not self.api_keys and not is_loopback(server.host):
             logger.warning("no API keys configured and listening on %s: the OpenAI API is open to the network", server.host)
 
     def check_api_key(self, request: Request) -> None:
@@ -77,7 +77,7 @@ def _bearer(request: Request) -> str | None:
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -54,7 +54,8 @@ class CallerActivations(_Strict):
     is the API key it presented, or its address where the server has none."""
 
     enabled: Literal["auto", "always", "never"] = "auto"
-    """"auto": when API keys are configured (tenants to keep apart); "always": also per client address."""
+    """"auto": when API keys are configured (tenants to keep apart, per key) or the server listens on a
+    non-loopback address (per key, else per client address); "always": also on loopback without keys."""
     per_minute: float = Field(30.0, gt=0)
     burst: int = Field(10, ge=1)
 

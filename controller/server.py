@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from controller.auth import api_keys
+from controller.auth import api_keys, is_loopback
 from controller.caller_budget import ActivationBudget
 from controller.catalog import CatalogEntry, build_catalog
 from controller.channel import WorkerChannel
@@ -99,8 +99,10 @@ class Server:
         self.serving = OpenAIServing(self.manager, self.client, self.registry.server, self.metrics, self._activation_budget())
 
     def _activation_budget(self) -> ActivationBudget | None:
-        budget = self.registry.server.caller_activations
-        if budget.enabled == "never" or (budget.enabled == "auto" and not api_keys(self.registry.server)):
+        server = self.registry.server
+        budget = server.caller_activations
+        exposed = bool(api_keys(server)) or not is_loopback(server.host)  # tenants, or anyone on the network
+        if budget.enabled == "never" or (budget.enabled == "auto" and not exposed):
             return None
         return ActivationBudget(budget.per_minute, budget.burst)
 

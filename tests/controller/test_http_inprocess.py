@@ -251,3 +251,14 @@ def test_the_openapi_schema_refuses_what_the_server_refuses(registry, catalog):
         assert response.status_code == 400 and error_of(response)["param"] == field, (field, response.text)
         assert not validators[route].is_valid({**bases[route], field: bad}), f"the schema accepts {field}={bad!r}"
         assert validators[route].is_valid({**bases[route], field: good}), f"the schema refuses {field}={good!r}"
+
+
+@pytest.mark.parametrize("host, keys, limited", [("127.0.0.1", False, False), ("127.0.0.1", True, True),
+                                                 ("0.0.0.0", False, True), ("::", True, True)])
+def test_cold_loads_are_budgeted_per_caller_for_tenants_and_for_a_server_open_to_the_network(registry, catalog, monkeypatch, host, keys, limited):
+    """Regression: with no API keys, anyone who could reach the port could force activations and evictions
+    without limit. `caller_activations: auto` now budgets them per key, or per address beyond loopback."""
+    monkeypatch.setenv("PRISM_TEST_KEYS", "k1,k2")
+    server_config = registry.server.model_copy(update={"host": host, "api_keys_env": "PRISM_TEST_KEYS" if keys else None})
+    server = Server(registry.model_copy(update={"server": server_config}), dict(catalog), default_cache_dir())
+    assert (server._activation_budget() is not None) == limited
