@@ -29,6 +29,7 @@ from controller.engine_client import EngineClient, RoutedStream
 from controller.errors import ActivationBudgetExceeded, APIError, ContextLengthExceeded, InvalidRequest, ModelNotFound, RequestTimeout, Unavailable, WorkerFailed
 from controller.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
@@ -169,9 +170,7 @@ class OpenAIServing:
 
     async def chat(self, request: ChatCompletionRequest, raw: Request):
         entry = self._entry(request.model)
-        messages = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()} for msg in request.messages]
-        size = sum(len(message["content"]) for message in messages)
-        prompt_ids = await self._tokenize(size, entry.tokenizer.apply_chat_template, messages, request.add_generation_prompt)
+        prompt_ids = await self._chat_prompt(entry, request.messages, request.add_generation_prompt)
         gen = self._generation("chatcmpl", entry, request, prompt_ids, request.requested_max_tokens)
         gen.counted = not self._is_warmup(raw)
         return await self._respond(gen, ChatFormat(), raw)
@@ -180,9 +179,7 @@ class OpenAIServing:
         entry = self._entry(request.model)
         tokenizer = entry.tokenizer
         if isinstance(request, TokenizeChatRequest):
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages]
-            size = sum(len(m["content"]) for m in messages)
-            ids = await self._tokenize(size, tokenizer.apply_chat_template, messages, request.add_generation_prompt)
+            ids = await self._chat_prompt(entry, request.messages, request.add_generation_prompt)
         else:
             ids = await self._tokenize(len(request.prompt), tokenizer.encode, request.prompt, request.add_special_tokens)
         strs = tokenizer.token_strs(ids) if request.return_token_strs else None
@@ -198,6 +195,12 @@ class OpenAIServing:
         return hmac.compare_digest(raw.headers.get(WARMUP_HEADER, "").encode("latin-1", "replace"), self.warmup_token.encode())
 
     # --- preparation ------------------------------------------------------------------------------
+
+    async def _chat_prompt(self, entry: CatalogEntry, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        """The token ids of chat messages through the model's chat template ("developer" speaks as "system")."""
+        turns = [{"role": "system" if msg.role == "developer" else msg.role, "content": msg.text()} for msg in messages]
+        size = sum(len(turn["content"]) for turn in turns)
+        return await self._tokenize(size, entry.tokenizer.apply_chat_template, turns, add_generation_prompt)
 
     async def _tokenize(self, num_chars: int, tokenize, *args):
         """`tokenize(*args)`, off the event loop for a long text (TOKENIZE_INLINE_CHARS; for decoding, as
