@@ -9,6 +9,7 @@ import subprocess
 
 from controller.catalog import CatalogEntry
 from controller.registry import Registry
+from workers.contract.sizing import mapped_bytes
 
 
 class CannotStart(Exception):
@@ -53,7 +54,7 @@ def models_beyond_budget(registry: Registry, catalog: dict[str, CatalogEntry], d
     too_big = {}
     for name, entry in catalog.items():
         size = entry.size(devices[0])
-        need = size.weight_bytes + tokens * size.kv_bytes_per_token
+        need = mapped_bytes(size.weight_bytes, int(registry.memory.page_bytes)) + tokens * size.kv_bytes_per_token
         if need > budget:
             too_big[name] = (f"it needs {need / 2**20:.0f} MiB (weights and {tokens} tokens of KV), more than "
                              f"memory.cpu_budget_bytes ({budget / 2**20:.0f} MiB)")

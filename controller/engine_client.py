@@ -3,7 +3,8 @@
 `open_stream` is an async context manager: inside it the request runs on a worker; leaving it early
 (client gone, stop string found, timeout, error) aborts the request on the worker, which frees its KV.
 A request for a model that is not active waits for the model manager to activate it (the wait counts
-in TTFT) up to `worker_start_timeout_s`, then gets 503. A worker that answers that it does not hold the
+in TTFT) up to `worker_start_timeout_s`, then gets 503, or until its own deadline (`request_timeout_s`
+from its arrival), then gets 504. A worker that answers that it does not hold the
 model (the controller's view was wrong) has the view repaired and the request routed again, once per
 attempt up to `ROUTE_ATTEMPTS`, before any token was produced; the client sees only the wait.
 """
@@ -14,7 +15,7 @@ import contextlib
 import time
 from typing import AsyncIterator
 
-from controller.errors import Overloaded, Unavailable
+from controller.errors import Overloaded, RequestTimeout, Unavailable
 from controller.models import ModelManager
 from controller.registry import ServerConfig
 from controller.worker_handle import RequestStream, WorkerGone, WorkerHandle
@@ -28,7 +29,7 @@ class RoutedStream:
     not resident. Counts the request as running on its model while it is on a worker."""
 
     def __init__(self, manager: ModelManager, limits: ServerConfig, req_id: str, model: str, prompt_token_ids: list[int],
-                 sampling: SamplingParams, arrival_s: float):
+                 sampling: SamplingParams, arrival_s: float, deadline_s: float | None = None):
         self.manager = manager
         self.limits = limits
         self.req_id = req_id
@@ -36,6 +37,7 @@ class RoutedStream:
         self.prompt_token_ids = prompt_token_ids
         self.sampling = sampling
         self.arrival_s = arrival_s
+        self.deadline_s = deadline_s  # time.monotonic() by which the request must be done; None: no deadline
         self.worker: WorkerHandle | None = None
         self.stream: RequestStream | None = None
         self.num_routes = 0
@@ -50,7 +52,14 @@ class RoutedStream:
 
     async def route(self) -> None:
         """Wait for an active worker of the model and submit the request there."""
-        worker = await self.manager.acquire(self.model, len(self.prompt_token_ids), self.limits.worker_start_timeout_s)
+        wait_s = self.limits.worker_start_timeout_s
+        if self.deadline_s is not None and self.deadline_s - time.monotonic() < wait_s:
+            try:
+                worker = await self.manager.acquire(self.model, len(self.prompt_token_ids), max(0.001, self.deadline_s - time.monotonic()))
+            except Unavailable as exc:  # the request's own time ran out first
+                raise RequestTimeout(f"the request did not finish within {self.limits.request_timeout_s:g} s: {exc.message}") from None
+        else:
+            worker = await self.manager.acquire(self.model, len(self.prompt_token_ids), wait_s)
         self.worker, self.num_routes = worker, self.num_routes + 1
         try:
             self.stream = worker.submit(self.req_id, self.model, self.prompt_token_ids, self.sampling, self.arrival_s)
@@ -83,9 +92,10 @@ class EngineClient:
         self.limits = limits
 
     @contextlib.asynccontextmanager
-    async def open_stream(self, req_id: str, model: str, prompt_token_ids: list[int], sampling: SamplingParams) -> AsyncIterator[RoutedStream]:
+    async def open_stream(self, req_id: str, model: str, prompt_token_ids: list[int], sampling: SamplingParams,
+                          deadline_s: float | None = None) -> AsyncIterator[RoutedStream]:
         self._admit(model)
-        stream = RoutedStream(self.manager, self.limits, req_id, model, prompt_token_ids, sampling, time.time())
+        stream = RoutedStream(self.manager, self.limits, req_id, model, prompt_token_ids, sampling, time.time(), deadline_s)
         await stream.route()  # counted as waiting from its first line on, before any await: the limits see it
         try:
             yield stream

@@ -34,6 +34,7 @@ from scheduler.placement import GlobalScheduler
 from scheduler.pressure import compute_share
 from scheduler.rates import RateTracker
 from workers.contract import messages as m
+from workers.contract.sizing import mapped_bytes
 
 logger = logging.getLogger("prism.controller")
 
@@ -390,7 +391,9 @@ class ModelManager:
         stats = self.workers[runtime.device].model_stats(runtime.name) if runtime.device in self.workers else None
         return ModelInfo(
             name=runtime.name,
-            weight_bytes=runtime.weight_bytes,
+            # In whole pages, as the pool maps them: three 12.3 MiB models "fit" 40 MiB in bytes, not in 2 MiB
+            # pages (7 each), and the activation failed for no memory every half second, never evicting.
+            weight_bytes=mapped_bytes(runtime.weight_bytes, self.registry.memory.page_bytes),
             kv_bytes_per_token=runtime.kv_bytes_per_token,
             tpot_slo_s=slo.tpot_s,
             ttft_slo_s=slo.ttft_s,

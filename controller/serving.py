@@ -262,7 +262,8 @@ class OpenAIServing:
         try:
             self._charge_cold_load(gen.entry.name, raw)
             stream = await resources.enter_async_context(
-                self.client.open_stream(gen.req_id, gen.entry.name, gen.prompt_token_ids, gen.sampling)
+                self.client.open_stream(gen.req_id, gen.entry.name, gen.prompt_token_ids, gen.sampling,
+                                        gen.arrival_s + self.limits.request_timeout_s)
             )
         except APIError:
             self._record(gen, "rejected")
@@ -299,7 +300,7 @@ class OpenAIServing:
     async def _collect(self, gen: Generation, fmt: ResponseFormat, stream: RoutedStream) -> dict:
         detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
         finish_reason = None
-        deadline = time.monotonic() + self.limits.request_timeout_s
+        deadline = gen.arrival_s + self.limits.request_timeout_s  # the wait for its model counts too
         while finish_reason is None:
             finish_reason = self._advance(gen, detok, await self._next(stream, deadline))
         return fmt.response(gen, detok.delta(final=True), finish_reason, self._usage(gen, detok))
@@ -309,7 +310,7 @@ class OpenAIServing:
         try:
             async with resources:
                 detok = gen.entry.tokenizer.detokenizer(gen.stop, gen.prompt_token_ids)
-                deadline = time.monotonic() + self.limits.request_timeout_s
+                deadline = gen.arrival_s + self.limits.request_timeout_s  # the wait for its model counts too
                 first = True
                 try:
                     finish_reason = None

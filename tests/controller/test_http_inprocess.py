@@ -262,3 +262,17 @@ def test_cold_loads_are_budgeted_per_caller_for_tenants_and_for_a_server_open_to
     server_config = registry.server.model_copy(update={"host": host, "api_keys_env": "PRISM_TEST_KEYS" if keys else None})
     server = Server(registry.model_copy(update={"server": server_config}), dict(catalog), default_cache_dir())
     assert (server._activation_budget() is not None) == limited
+
+
+def test_a_request_waiting_for_its_model_gets_504_at_its_own_deadline(registry, catalog):
+    """Regression (found by benchmarks/chaos.py): a request waiting for its model to be activated waited up
+    to `worker_start_timeout_s` (300 s), then its `request_timeout_s` began; clients waited 180 s and more
+    with no answer. The request's deadline now counts from its arrival and bounds that wait."""
+    import time
+
+    server_config = registry.server.model_copy(update={"worker_start_timeout_s": 60.0, "request_timeout_s": 0.5})
+    started = time.monotonic()
+    (response,) = call(registry.model_copy(update={"server": server_config}), catalog, chat(stream=True))
+    assert time.monotonic() - started < 30
+    assert response.status_code == 504 and error_of(response)["code"] == "timeout"
+    assert "within 0.5 s" in error_of(response)["message"]

@@ -146,3 +146,8 @@ class ModelSize:
     def of(cls, arch: Arch, dtype: str, device: str) -> ModelSize:
         dtype = resolve_dtype(dtype, device)
         return cls(dtype, weight_slots(arch, dtype)[1], arch.kv_bytes_per_token(dtype))
+
+
+def mapped_bytes(num_bytes: int, page_bytes: int) -> int:
+    """What the page pool maps for `num_bytes` of one model's weights: whole pages."""
+    return -(-num_bytes // page_bytes) * page_bytes
