@@ -26,9 +26,12 @@ def test_chaos_kills_the_worker_under_traffic_and_nothing_hangs_or_is_lost(tmp_p
         "scheduler": {"idle_evict_s": 2.0},
         "models": [{"name": f"tiny-{i}", "load_format": "dummy", "config": tiny, "seed": i, "max_model_len": 2048} for i in range(3)],
     }))
+    trace = tmp_path / "arena.csv"  # Arena's format: a request every 0.4 s for 24 s, short prompts and outputs
+    trace.write_text("req_time_s,adapter_rank,adapter_dir,prompt_len,output_len\n"
+                     + "".join(f"{0.4 * i:.2f},{i % 3},dummy,{16 + 7 * (i % 9)},{4 + i % 12}\n" for i in range(60)))
     out = tmp_path / "chaos.json"
-    subprocess.run([sys.executable, "benchmarks/chaos.py", "--config", str(config), "--duration", "20", "--kills", "2",
-                    "--rate-scales", "0.5", "--max-output", "16", "--request-timeout", "30", "--out", str(out)], cwd=ROOT, check=True, timeout=600)
+    subprocess.run([sys.executable, "benchmarks/chaos.py", "--config", str(config), "--trace", str(trace), "--duration", "20",
+                    "--kills", "2", "--request-timeout", "30", "--out", str(out)], cwd=ROOT, check=True, timeout=600)
     result = json.loads(out.read_text())
     assert result["benchmark"] == "chaos" and result["card"] == "cpu" and result["requests"] > 0
     assert set(result["outcomes"]) <= {"completed", "error"} and result["outcomes"].get("completed", 0) > 0
