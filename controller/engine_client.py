@@ -53,13 +53,14 @@ class RoutedStream:
     async def route(self) -> None:
         """Wait for an active worker of the model and submit the request there."""
         wait_s = self.limits.worker_start_timeout_s
-        if self.deadline_s is not None and self.deadline_s - time.monotonic() < wait_s:
-            try:
-                worker = await self.manager.acquire(self.model, len(self.prompt_token_ids), max(0.001, self.deadline_s - time.monotonic()))
-            except Unavailable as exc:  # the request's own time ran out first
-                raise RequestTimeout(f"the request did not finish within {self.limits.request_timeout_s:g} s: {exc.message}") from None
-        else:
+        if self.deadline_s is not None:
+            wait_s = max(0.001, min(wait_s, self.deadline_s - time.monotonic()))
+        try:
             worker = await self.manager.acquire(self.model, len(self.prompt_token_ids), wait_s)
+        except Unavailable as exc:
+            if self.deadline_s is None or time.monotonic() < self.deadline_s:
+                raise  # the worker start timeout, or the model cannot be activated at all
+            raise RequestTimeout(f"the request did not finish within {self.limits.request_timeout_s:g} s: {exc.message}") from None
         self.worker, self.num_routes = worker, self.num_routes + 1
         try:
             self.stream = worker.submit(self.req_id, self.model, self.prompt_token_ids, self.sampling, self.arrival_s)

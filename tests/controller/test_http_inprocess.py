@@ -276,3 +276,13 @@ def test_a_request_waiting_for_its_model_gets_504_at_its_own_deadline(registry, 
     assert time.monotonic() - started < 30
     assert response.status_code == 504 and error_of(response)["code"] == "timeout"
     assert "within 0.5 s" in error_of(response)["message"]
+
+
+def test_a_model_that_cannot_be_activated_is_a_503_saying_why_even_with_a_short_request_deadline(registry, catalog):
+    """The wait for a model is bounded by the request's deadline (a 504 when it runs out), but a model that
+    cannot be activated at all (here larger than the CPU budget) is still a 503 that says why, at once."""
+    memory = registry.memory.model_copy(update={"cpu_budget_bytes": 64 * 2**20})
+    server_config = registry.server.model_copy(update={"worker_start_timeout_s": 60.0, "request_timeout_s": 5.0})
+    (response,) = call(registry.model_copy(update={"server": server_config, "memory": memory}), catalog,
+                       chat(model="smollm2-135m-instruct"))
+    assert response.status_code == 503 and "more than memory.cpu_budget_bytes" in error_of(response)["message"]
