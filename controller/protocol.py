@@ -43,7 +43,7 @@ def first_invalid_text(value: Any, path: str = "") -> tuple[str, str] | None:
     return None
 
 
-def ONLY(*values: Any) -> dict:
+def only_values(*values: Any) -> dict:
     """The schema of a field accepted for the API's sake whose only supported values are these: the server
     refuses any other with a 400 saying so, and /openapi.json says the same (it said the field's full range)."""
     return {"enum": list(values)}
@@ -80,18 +80,18 @@ class _SamplingFields(_TextRequest):
     top_k: Annotated[int, Field(ge=-1, le=1_000_000)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
     stop: str | list[str] | None = None
-    n: Annotated[int, Field(ge=1, le=128, json_schema_extra=ONLY(1))] = 1
+    n: Annotated[int, Field(ge=1, le=128, json_schema_extra=only_values(1))] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, json_schema_extra=ONLY(0))] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, json_schema_extra=ONLY(0))] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0, json_schema_extra=only_values(0))] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0, json_schema_extra=only_values(0))] = 0.0
     logit_bias: Annotated[dict[str, float] | None, Field(json_schema_extra={"anyOf": [{"type": "null"}, {"type": "object", "maxProperties": 0}]})] = None
     # vLLM extensions that benchmark clients send.
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
-    repetition_penalty: Annotated[float | None, Field(json_schema_extra=ONLY(None, 1))] = None
+    repetition_penalty: Annotated[float | None, Field(json_schema_extra=only_values(None, 1))] = None
 
     @field_validator("stop")
     @classmethod
@@ -125,10 +125,10 @@ class _SamplingFields(_TextRequest):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    echo: Annotated[bool, Field(json_schema_extra=ONLY(False))] = False
-    logprobs: Annotated[int | None, Field(json_schema_extra=ONLY(None))] = None
-    best_of: Annotated[int | None, Field(json_schema_extra=ONLY(None, 1))] = None
-    suffix: Annotated[str | None, Field(json_schema_extra=ONLY(None))] = None
+    echo: Annotated[bool, Field(json_schema_extra=only_values(False))] = False
+    logprobs: Annotated[int | None, Field(json_schema_extra=only_values(None))] = None
+    best_of: Annotated[int | None, Field(json_schema_extra=only_values(None, 1))] = None
+    suffix: Annotated[str | None, Field(json_schema_extra=only_values(None))] = None
 
     @field_validator("prompt")
     @classmethod
@@ -178,10 +178,10 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: Annotated[bool, Field(json_schema_extra=ONLY(False))] = False
-    top_logprobs: Annotated[int | None, Field(json_schema_extra=ONLY(None, 0))] = None
+    logprobs: Annotated[bool, Field(json_schema_extra=only_values(False))] = False
+    top_logprobs: Annotated[int | None, Field(json_schema_extra=only_values(None, 0))] = None
     tools: Annotated[list[dict] | None, Field(json_schema_extra={"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]})] = None
-    tool_choice: Annotated[Any, Field(json_schema_extra=ONLY(None, "none"))] = None
+    tool_choice: Annotated[Any, Field(json_schema_extra=only_values(None, "none"))] = None
     response_format: Annotated[dict | None, Field(json_schema_extra={"anyOf": [
         {"type": "null"}, {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"], "additionalProperties": False}]})] = None
     parallel_tool_calls: bool | None = None

@@ -44,8 +44,12 @@ class ModelTokenizer:
     def token_strs(self, token_ids: list[int]) -> list[str]:
         return self.hf.convert_ids_to_tokens(token_ids)
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.hf.chat_template)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        if not self.hf.chat_template:
+        if not self.has_chat_template:
             raise InvalidRequest("this model has no chat template: use /v1/completions", param="messages")
         text = self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         return self.hf.encode(text, add_special_tokens=False)

@@ -38,7 +38,7 @@ async def warm_up(app, server, base_url: str | None = None) -> None:
     if keys:
         headers["Authorization"] = f"Bearer {keys[0]}"
     requests = [("/v1/completions", {"model": model, "prompt": "Hello", "max_tokens": 2, "stream": True, "temperature": 0})]
-    if server.manager.entries[model].tokenizer.hf.chat_template:
+    if server.manager.entries[model].tokenizer.has_chat_template:
         requests.append(("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "Hello"}],
                                                    "max_tokens": 2, "stream": True, "temperature": 0}))
     started = time.perf_counter()

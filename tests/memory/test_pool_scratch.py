@@ -15,6 +15,14 @@ from tests.memory.checking_backend import make_rig
 KV, WEIGHTS = MemoryKind.KV, MemoryKind.WEIGHTS
 
 
+def pool_with_resident(kind: MemoryKind, num_pages: int):
+    """A 16-page pool (chunks of 4) where another model already holds `num_pages` pages."""
+    rig = make_rig(budget_pages=16, chunk_pages=4)
+    resident = rig.pool.reserve_range("resident", kind, num_pages * rig.pool.page_bytes)
+    assert rig.pool.map_pages(resident, range(num_pages))
+    return rig, rig.pool
+
+
 def test_the_scratch_backs_a_whole_range_with_one_chunk_at_each_group_and_one_page_at_each_tail_page():
     rig = make_rig(budget_pages=32, chunk_pages=4)
     pool = rig.pool
@@ -34,10 +42,7 @@ def test_the_scratch_backs_a_whole_range_with_one_chunk_at_each_group_and_one_pa
 
 
 def test_a_range_larger_than_the_budget_borrows_only_the_scratch():
-    rig = make_rig(budget_pages=16, chunk_pages=4)
-    pool = rig.pool
-    other = pool.reserve_range("resident", WEIGHTS, 8 * pool.page_bytes)
-    assert pool.map_pages(other, range(8))
+    rig, pool = pool_with_resident(WEIGHTS, 8)
     big = pool.reserve_range("big", WEIGHTS, 40 * pool.page_bytes)  # 2.5 budgets
     assert pool.map_scratch(big)
     assert pool.snapshot().pages_mapped == 8 + 4
@@ -48,10 +53,7 @@ def test_a_range_larger_than_the_budget_borrows_only_the_scratch():
 
 
 def test_the_scratch_is_refused_and_nothing_mapped_when_the_budget_cannot_lend_it():
-    rig = make_rig(budget_pages=16, chunk_pages=4)
-    pool = rig.pool
-    other = pool.reserve_range("resident", KV, 13 * pool.page_bytes)
-    assert pool.map_pages(other, range(13))
+    rig, pool = pool_with_resident(KV, 13)
     weights = pool.reserve_range("m", WEIGHTS, 9 * pool.page_bytes)  # a chunk and a page: 5 > 3 free
     calls = sum(rig.faults.calls.values())
     assert not pool.map_scratch(weights)
