@@ -357,6 +357,8 @@ class PagePool:
                 self._chunks.num_chunks,
                 self._chunks.num_free_chunks,
                 sum(chunk.num_pages for chunk in self._scratch.values()),
+                len(self._ranges),
+                sum(r.num_bytes for r in self._ranges),
             )
 
     def pages_of(self, owner: str, kind: MemoryKind) -> int:

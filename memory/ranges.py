@@ -67,6 +67,8 @@ class PoolSnapshot:
     num_chunks: int = 0  # physical allocations alive, any size
     num_free_chunks: int = 0  # free whole chunks: what weights map fastest into
     scratch_pages: int = 0  # the capture scratch's pages, while a range holds it (in pages_mapped, under no owner)
+    ranges_reserved: int = 0  # live virtual ranges
+    va_bytes_reserved: int = 0  # their address space, mapped or not
 
     @property
     def pages_free(self) -> int:

@@ -546,4 +546,7 @@ class DeviceLoop:
             pages_reserved=snap.pages_reserved,
             kv_pages_by_model=snap.kv_pages,
             weight_pages_by_model=snap.weight_pages,
+            scratch_pages=snap.scratch_pages,
+            ranges_reserved=snap.ranges_reserved,
+            va_bytes_reserved=snap.va_bytes_reserved,
         )

@@ -38,6 +38,10 @@ def test_chaos_kills_the_worker_under_traffic_and_nothing_hangs_or_is_lost(tmp_p
     assert all(error.startswith(("event: worker cpu exited", "HTTP 5")) for error in result["errors"]), result["errors"]
     assert [k["kind"] for k in result["kills"]] == ["mid-activation", "mid-request"]
     assert all(0 < k["recovered_s"] < 180 for k in result["kills"])
-    assert result["pool_after"]["cpu"]["kv_pages"] == {} and result["left_in_dev_shm_after_exit"] == []
+    before, after = result["pool_before_kills"]["cpu"], result["pool_after"]["cpu"]
+    assert after["kv_pages"] == {} and after["scratch_pages"] == 0 and after["pages_mapped"] == after["weight_pages"] > 0
+    assert (after["ranges_reserved"], after["va_bytes_reserved"]) == (before["ranges_reserved"], before["va_bytes_reserved"])
+    assert before["ranges_reserved"] > 0 and result["left_in_dev_shm_after_exit"] == []
+    assert result["activations"]["ok"] > 0 and result["activations_per_minute"] > 0, "the budget holds two of three models: they swap"
     assert result["images_after_traffic"] == result["images_before_kills"] > 0
     assert result["pass"] is True

@@ -42,6 +42,19 @@ def test_accounting_is_per_owner_and_kind():
     rig.assert_consistent()
 
 
+def test_snapshot_counts_the_virtual_reservations_alive():
+    rig = make_rig(budget_pages=16)
+    pool = rig.pool
+    a = pool.reserve_range("a", KV, 4 * pool.page_bytes)
+    b = pool.reserve_range("b", WEIGHTS, 3 * pool.page_bytes - 1)  # rounded up to whole pages
+    snap = pool.snapshot()
+    assert (snap.ranges_reserved, snap.va_bytes_reserved) == (2, 7 * pool.page_bytes)
+    pool.release_range(a)
+    pool.release_range(b)
+    snap = pool.snapshot()
+    assert (snap.ranges_reserved, snap.va_bytes_reserved) == (0, 0), "a released range's address space is no longer counted"
+
+
 def test_reserve_is_reused_and_stays_within_target_and_budget():
     rig = make_rig(budget_pages=6, reserve_pages=4, chunk_pages=1)  # a chunk per page: page-exact reserve
     pool = rig.pool

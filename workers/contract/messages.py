@@ -208,6 +208,9 @@ class PoolStats(msgspec.Struct):
     pages_reserved: int  # ready pages kept off the hot path
     kv_pages_by_model: dict[str, int]
     weight_pages_by_model: dict[str, int]
+    scratch_pages: int = 0  # the capture scratch, while a capture ahead holds it (in pages_mapped, under no model)
+    ranges_reserved: int = 0  # virtual address ranges alive (weights and KV of each engine built)
+    va_bytes_reserved: int = 0
 
 
 GC_PAUSE_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # upper bounds; then +Inf
