@@ -180,7 +180,7 @@ class HostWeightStore:
             for image in self._images.values():
                 image.close()
                 if unlink:
-                    image.path.unlink(missing_ok=True)
+                    _unlink_image(image.path)
             self._images.clear()
 
     def _trim_locked(self) -> None:
@@ -192,7 +192,7 @@ class HostWeightStore:
             if image.users == 0:
                 logger.info("host store: dropping image %s (%.1f GiB)", key, image.num_bytes / 2**30)
                 image.close()
-                image.path.unlink(missing_ok=True)
+                _unlink_image(image.path)
                 del self._images[key]
 
     def _open(self, key: str, num_bytes: int, fill: Callable[[torch.Tensor], None], pin_device: str | None) -> HostImage:
@@ -203,7 +203,7 @@ class HostWeightStore:
             raise MemoryError(f"{self.root} has {stat.f_bavail * stat.f_frsize} bytes free; a weight image needs {num_bytes}")
         done = path.with_name(path.name + ".complete")
         with _file_lock(path.with_name(path.name + ".lock")):
-            if not done.exists() or path.stat().st_size != num_bytes:
+            if not done.exists() or not path.exists() or path.stat().st_size != num_bytes:
                 done.unlink(missing_ok=True)
                 image = self._map(key, path, num_bytes, create=True)
                 try:
@@ -230,6 +230,13 @@ class HostWeightStore:
             os.close(fd)
         tensor = torch.frombuffer(mapping, dtype=torch.uint8)
         return HostImage(key, path, num_bytes, tensor, mapping)
+
+
+def _unlink_image(path: Path) -> None:
+    """Remove an image and its completion marker (the marker first: a marker without its image would say a
+    missing image is complete)."""
+    path.with_name(path.name + ".complete").unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -342,6 +342,9 @@ class Engine:
             return
         self._take_scratch()
         if self.graphs is None:
+            # Cached blocks nobody uses go back first: a capture that reused them would hold them without
+            # growing what torch reserves, and they would be charged to no one.
+            torch.cuda.empty_cache()
             held_before = torch.cuda.memory_reserved(self.device)
             self._warm_up_prefill()
             max_blocks = -(-self.spec.max_model_len // self.block_size)
