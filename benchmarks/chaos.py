@@ -10,7 +10,8 @@ Traffic: the trace of `benchmarks/replay.py`'s options (Arena by default, models
 law), prompts of random token ids, each request asking for exactly its trace's output length and its
 usage. Kills: `--kills` moments spread over the run; each waits (up to 15 s) for its kind, in turn:
 "mid-activation" (a model is activating), "mid-request" (a model holds KV: prefill or decode running),
-"between requests" (nothing running); past the wait it kills anyway and says so.
+"between requests" (nothing running); a mid-activation moment that traffic has not made by half the wait is
+made (a model evicted and activated again through the admin API); past the wait it kills anyway and says so.
 
 What must hold, and is reported:
   * every request completes (its stream ends with [DONE] and the output length asked for) or gets an error
@@ -19,8 +20,8 @@ What must hold, and is reported:
   * none is lost silently: a stream that ends without [DONE] and without an error, or short of its tokens;
   * after each kill the worker is replaced: `recovered_s` is the time from the kill to a health report
     with a new worker pid and every worker ready;
-  * after the traffic, once every model is prepared again: each pool is at its idle level (no KV pages, no
-    capture scratch, every mapped page a resident model's weights) and holds as many virtual address
+  * after the traffic, once every model is prepared again: each pool is at its idle level (no request's KV
+    pages, no capture scratch, every other mapped page a resident model's weights) and holds as many virtual address
     reservations, of as many bytes, as before the first kill; the server's weight images in /dev/shm (the
     host store) are as many as before the first kill (a restarted worker maps the images that outlived its
     predecessor); after SIGTERM, none is left.
@@ -121,14 +122,38 @@ def moment_of(kind: str, report: dict) -> bool:
     return not running and not any(m["state"] == "activating" for m in models)
 
 
+def start_an_activation(base_url: str) -> str | None:
+    """Make a mid-activation moment where traffic made none: the last inactive model in the registry's order
+    (or, with none, the last active one, evicted once its running requests drained) is activated through the
+    admin API, in the background."""
+    models = health(base_url)["models"]
+    inactive = [name for name, model in models.items() if model["state"] == "inactive"]
+    active = [name for name, model in models.items() if model["state"] == "active"]
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    if not inactive and active:
+        httpx.post(f"{base_url}/admin/models/{active[-1]}/evict", json={"drain_timeout_s": 5}, headers=headers, timeout=60)
+    name = (inactive or active or [None])[-1]
+    if name is not None:  # its answer does not matter: the kill fails it
+        threading.Thread(target=lambda: httpx.post(f"{base_url}/admin/models/{name}/activate", headers=headers, timeout=300),
+                         daemon=True).start()
+    return name
+
+
 def kill_once(server, kind: str, wait_s: float = 15.0) -> dict:
-    """Wait (up to `wait_s`) for a moment of `kind`, kill the worker there, and time its replacement."""
-    deadline, hit = time.monotonic() + wait_s, False
+    """Wait (up to `wait_s`) for a moment of `kind`, kill the worker there, and time its replacement. Where
+    traffic has made no mid-activation moment by half the wait, one is made (`start_an_activation`, up to
+    three times: an activation can end between two looks)."""
+    deadline, hit, made = time.monotonic() + wait_s, False, []
     while time.monotonic() < deadline:
         report = health(server.base_url)
         if moment_of(kind, report):
             hit = True
             break
+        if kind == "mid-activation" and len(made) < 3 and time.monotonic() > deadline - wait_s / 2:
+            if not made or report["models"].get(made[-1], {}).get("state") == "active":  # the last one ended unseen
+                made.append(start_an_activation(server.base_url))
+                deadline = max(deadline, time.monotonic() + 10)
+            continue  # look again at once: an activation lasts milliseconds to a second
         time.sleep(0.02)
     (worker_id, worker), = report["workers"].items()
     pid = worker["pid"]
@@ -140,7 +165,7 @@ def kill_once(server, kind: str, wait_s: float = 15.0) -> dict:
         return all(w.get("pid") not in (None, pid) and w.get("state") == "ready" for w in now["workers"].values())
 
     wait_until(replaced, 180, 0.05, "the killed worker replaced")
-    return {"kind": kind, "moment_found": hit, "worker": worker_id, "pid": pid, "recovered_s": time.monotonic() - killed,
+    return {"kind": kind, "moment_found": hit, "activations_made_for": made, "worker": worker_id, "pid": pid, "recovered_s": time.monotonic() - killed,
             "at_s": killed}
 
 
@@ -157,8 +182,12 @@ def pool_levels(base_url: str) -> dict:
 
 
 def at_idle_level(before: dict, after: dict) -> bool:
+    """No request's KV (an active model with CUDA graphs keeps one KV block mapped for its graphs' padded rows:
+    a page), no capture scratch, every other mapped page a resident model's weights, and the virtual address
+    reservations of before the first kill."""
     return before.keys() == after.keys() and all(
-        not a["kv_pages"] and not a["scratch_pages"] and a["pages_mapped"] == a["weight_pages"]
+        all(n <= 1 for n in a["kv_pages"].values()) and not a["scratch_pages"]
+        and a["pages_mapped"] == a["weight_pages"] + sum(a["kv_pages"].values())
         and (a["ranges_reserved"], a["va_bytes_reserved"]) == (before[w]["ranges_reserved"], before[w]["va_bytes_reserved"])
         for w, a in after.items())
 

@@ -345,6 +345,8 @@ class DeviceLoop:
                 self._failed[name] = "capturing its CUDA graphs failed (see the worker log)"
                 logger.error("capturing the graphs of %s failed:\n%s", name, traceback.format_exc())
                 continue
+            if not captured and name in self._eager_since:
+                self._eager_since[name] = time.perf_counter()  # no room now (KV full under load): due again later
             if captured:
                 self._charge_graph_memory(name, engine)
                 self._freeze_not_before = time.perf_counter() + self.idle_before_capture_s

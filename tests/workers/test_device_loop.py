@@ -284,6 +284,45 @@ def test_gpu_a_model_the_full_pool_cannot_hold_is_captured_ahead_over_the_scratc
 
 
 @pytest.mark.gpu
+def test_gpu_an_eager_model_with_no_kv_block_to_spare_captures_later_instead_of_failing():
+    """Regression (the GPU chaos run): a model running eager had its graphs due while its requests held every
+    KV block the pool could back; the capture raised "no KV block for the CUDA graphs' scratch space", the
+    model was reported failed and ran eager for good, with a traceback in the log. Now it waits for a block."""
+    import os
+
+    from memory import MemoryKind, PagePool
+    from memory.cuda_backend import CudaBackend
+
+    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
+    loop = DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
+                      tpot_target="request", overlap_steps=True, idle_before_capture_s=0.2)
+    try:
+        loop.handle(m.Activate(gpu_spec(True)))
+        loop.settle()
+        (activated,) = replies(loop, m.ModelActivated)
+        engine, pool = loop.engines["m"], loop.pool
+        assert activated.error is None and not engine.graphs_captured  # eager: nothing was captured ahead
+        filler = pool.reserve_range("resident", MemoryKind.KV, pool.num_free_pages * pool.page_bytes)
+        assert pool.map_pages(filler, range(filler.num_pages))
+        held = engine.kv.allocate(engine.kv.num_ready_blocks)
+        assert engine.kv.allocate(1) is None, "no KV block left to spare"
+        idle_until = time.perf_counter() + 0.5
+        while time.perf_counter() < idle_until:  # idle past idle_before_capture_s: the loop tries to capture
+            loop.step()
+        assert engine.graphs is None and loop._preparation("m", engine) == "prepared", "not failed: waiting"
+        engine.kv.free(held)
+        pool.release_range(filler)
+        deadline = time.perf_counter() + 60
+        while engine.graphs is None:
+            assert time.perf_counter() < deadline, "captured once a block is free"
+            loop.step()
+        assert generate(loop, [[5, 6, 7, 8]])[0]
+    finally:
+        loop.close()
+        store.drop_all(unlink=True)
+
+
+@pytest.mark.gpu
 def test_gpu_the_heap_freeze_after_a_capture_ahead_waits_for_idleness(monkeypatch):
     """Regression for the first activation of a 1B on an H100 taking 0.12 s from the client against 0.055 s
     for a re-activation: the freeze after a capture ahead ran at the next idle turn, just as the model became

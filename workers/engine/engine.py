@@ -207,10 +207,14 @@ class Engine:
         scratch mapped across the weights' range (`PagePool.map_scratch`: at most a chunk and a page of
         the budget, whatever the model's size; the graphs record addresses, the warm-up's output is thrown
         away) and unmapped after it. False, doing nothing, when the pool cannot lend the scratch and the
-        warm-up's KV pages now."""
+        warm-up's KV pages now, or an active engine has no free KV block for its padded rows."""
         if self.graphs_captured or self.model is None:
             return self.graphs_captured
         if self.weights_mapped:
+            if self._scratch is None and self.spec.cuda_graphs:
+                self._scratch = self.kv.allocate(1)
+                if self._scratch is None:
+                    return False  # its running requests hold every KV block the pool can back: later
             self._prepare_graphs()
             return True
         if self.pool.scratch_pages_for(self.weights) + CAPTURE_KV_PAGES > self.pool.num_free_pages:
@@ -331,7 +335,8 @@ class Engine:
         self.pool.unmap_pages(self.weights, mapped)
 
     def _take_scratch(self) -> None:
-        self._scratch = self.kv.allocate(1)  # padded graph rows write here while the engine is active
+        if self._scratch is None:
+            self._scratch = self.kv.allocate(1)  # padded graph rows write here while the engine is active
         if self._scratch is None:
             raise NotEnoughMemory(f"{self.spec.name}: no KV block for the CUDA graphs' scratch space")
         if self.graphs is not None:
