@@ -24,6 +24,9 @@ class FieldError(ValueError):
         self.field = field
 
 
+_NO_TEXT = {int, float, bool, type(None)}
+
+
 def first_invalid_text(value: Any, path: str = "") -> tuple[str, str] | None:
     """The first string in a JSON value that is not valid Unicode (a lone surrogate such as "\\ud800", which
     JSON may carry and no tokenizer can encode), as (its path, the offending character's code point)."""
@@ -33,6 +36,8 @@ def first_invalid_text(value: Any, path: str = "") -> tuple[str, str] | None:
         except UnicodeEncodeError as exc:
             return path, f"U+{ord(value[exc.start]):04X}"
         return None
+    if isinstance(value, list) and not set(map(type, value)) - _NO_TEXT:
+        return None  # a list of numbers (token ids): told at C speed, not an item at a time
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         if not isinstance(item, (str, dict, list)):
@@ -123,7 +128,9 @@ class _SamplingFields(_TextRequest):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # Left to right: a prompt of token ids is tried as list[int] before list[str], which would first collect
+    # an error for every id (0.29 s for 800k ids, on the event loop).
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(union_mode="left_to_right")
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     echo: Annotated[bool, Field(json_schema_extra=only_values(False))] = False
     logprobs: Annotated[int | None, Field(json_schema_extra=only_values(None))] = None
@@ -139,7 +146,7 @@ class CompletionRequest(_SamplingFields):
             prompt = prompt[0]
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt must not be empty")
-        if isinstance(prompt, list) and any(t < 0 for t in prompt):
+        if isinstance(prompt, list) and min(prompt) < 0:  # min: C speed over a million ids
             raise ValueError("token ids must not be negative")
         return prompt
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from controller.auth import require_api_key
+from controller.offloop_json import OffLoopJSONRoute
 from controller.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -19,8 +20,8 @@ from controller.protocol import (
     TokenizeResponse,
 )
 
-router = APIRouter()
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=OffLoopJSONRoute)
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], route_class=OffLoopJSONRoute)
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 _GENERATION = {
