@@ -160,8 +160,9 @@ class ModelManager:
         """The worker of an active `model`, activating it first if needed; the caller must `release`."""
         runtime = self.runtimes[model]
         self.rates.on_request(time.monotonic(), model, num_prompt_tokens)
-        runtime.num_waiting += 1
-        deadline = time.monotonic() + timeout_s
+        arrived = time.monotonic()
+        runtime.waiting_since.append(arrived)
+        deadline = arrived + timeout_s
         try:
             while True:
                 worker = self.workers.get(runtime.device) if runtime.state is ModelState.ACTIVE else None
@@ -180,7 +181,7 @@ class ModelManager:
                 except asyncio.TimeoutError:
                     pass  # re-check: a cycle may have found room meanwhile
         finally:
-            runtime.num_waiting -= 1
+            runtime.waiting_since.remove(arrived)
             if runtime.num_waiting == 0:
                 self.executor.cancel_if_unwanted(runtime)
 
@@ -407,4 +408,5 @@ class ModelManager:
             preferred_device=runtime.entry.config.device,
             activated_s=runtime.activated_s,
             also_on=runtime.also_on,
+            waiting_s=time.monotonic() - runtime.waiting_since[0] if runtime.waiting_since else 0.0,
         )

@@ -158,6 +158,10 @@ class SchedulerConfig(_Strict):
     """A model is placed on a device only if this many tokens of its KV fit beside its weights."""
     evict_drain_timeout_s: float = Field(30.0, ge=0)
     """An eviction waits this long for the model's running requests to finish; the rest fail (503)."""
+    max_activation_wait_s: float | None = Field(10.0, gt=0)
+    """`prism`: a model whose oldest request has waited this long for its activation may take the memory of
+    busy models (their running requests drained first), so that none starves while every resident stays
+    busy; a model activated less than this long ago is not taken. None: only idle models are evicted."""
     max_models_per_device: int = Field(1, ge=1)
     """`swap` baseline: resident models per device."""
     swap_keep_alive_s: float = Field(300.0, gt=0)
@@ -180,7 +184,7 @@ class SchedulerConfig(_Strict):
         return PlacementConfig(
             idle_evict_s=self.idle_evict_s, max_idle_s=self.max_idle_s, migration_gain=self.migration_gain,
             migration_cooldown_s=self.migration_cooldown_s, max_models_per_device=self.max_models_per_device,
-            swap_keep_alive_s=self.swap_keep_alive_s,
+            swap_keep_alive_s=self.swap_keep_alive_s, max_activation_wait_s=self.max_activation_wait_s,
             pressure=PressureModel(min_kv_reserve_tokens=self.min_kv_reserve_tokens),
             eviction=EvictionCost(load_bytes_per_s=load_bytes_per_s),
         )

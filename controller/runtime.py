@@ -28,7 +28,7 @@ class ModelRuntime:
     state: ModelState = ModelState.INACTIVE
     device: str | None = None
     kv_budget_bytes: int | None = None  # a fixed KV cap (static baseline); None: elastic
-    num_waiting: int = 0  # requests waiting for it to become active
+    waiting_since: list[float] = field(default_factory=list)  # arrivals (monotonic) of the requests waiting for it to become active, oldest first
     num_running: int = 0  # requests submitted to its worker
     activated_s: float | None = None
     retry_after_s: float = 0.0  # after a `no_memory` activation: no new attempt before this (monotonic)
@@ -42,6 +42,10 @@ class ModelRuntime:
     @property
     def name(self) -> str:
         return self.entry.name
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting_since)
 
     @property
     def num_in_flight(self) -> int:

@@ -47,6 +47,7 @@ class ModelInfo:
     preferred_device: str | None = None  # the registry's `device:`: chosen when it fits without evicting
     activated_s: float | None = None  # when it last became active: a fresh activation is not idle yet
     also_on: str | None = None  # a migration in flight: also booked here (its destination, then its source while it drains)
+    waiting_s: float = 0.0  # how long its oldest request has waited for its activation (0: none waits)
 
     @property
     def demand(self) -> float:
@@ -97,7 +98,7 @@ class Activate:
 
 @dataclass(frozen=True)
 class Evict:
-    """Unload `model` from `device`; it has no requests in flight (the scheduler checks)."""
+    """Unload `model` from `device`: its running requests are drained first (up to the drain timeout)."""
 
     model: str
     device: str

@@ -11,7 +11,11 @@ them out. Policies, selectable by name:
     idle models are evicted on the device where that is cheapest in expected cost (reload time x
     chance of re-arrival within a horizon): never pinned models, never models with requests in
     flight, never models idle for less than `idle_evict_s`. If that is not possible the requests
-    wait and the next cycle retries (at the latest when a model turns idle).
+    wait and the next cycle retries (at the latest when a model turns idle). A model whose oldest
+    request has waited `max_activation_wait_s` comes first and may also evict busy models active at
+    least that long (drained first; cheapest expected cost again): without it, a registry larger than
+    the GPU starves every model outside the resident set while the residents stay busy (the GPU chaos
+    run: 362 requests for tail models waited 120 s and got 504).
   * Eviction when memory is needed: activation (above), or a device whose KV in use passes the
     high watermark of its non-weight memory loses its cheapest idle model (one per device per cycle).
     Past `max_idle_s` (off by default) idle models are evicted even without need.
@@ -70,7 +74,7 @@ class PrismPlacement:
         layout = Layout.of_state(state, self.config.pressure)
         actions: list[Action] = []
         pending = [m for m in state.models if m.state is ModelState.INACTIVE and m.num_inflight > 0]
-        for model in sorted(pending, key=lambda m: (-m.num_inflight, m.name)):
+        for model in sorted(pending, key=lambda m: (not self._starving(m), -m.num_inflight, m.name)):
             actions += self._activate(now, model, layout)
         actions += self._relieve_memory(now, layout)
         actions += self._migrate(now, layout, history)
@@ -106,14 +110,26 @@ class PrismPlacement:
         if layout.fits(model, device_id):
             return []
         needed = model.weight_bytes + self.config.pressure.reserve_bytes(model) - layout.free_bytes(device_id)
-        return self.config.eviction.cheapest_victims(self._evictable(now, layout, device_id), needed, now)
+        victims = self.config.eviction.cheapest_victims(self._evictable(now, layout, device_id), needed, now)
+        if victims is None and self._starving(model):
+            victims = self.config.eviction.cheapest_victims(self._evictable(now, layout, device_id, busy_too=True), needed, now)
+        return victims
 
-    def _evictable(self, now: float, layout: Layout, device_id: str) -> list[ModelInfo]:
-        return [
-            m
-            for m in layout.models_on(device_id)
-            if m.state is ModelState.ACTIVE and not m.pinned and m.also_on is None and m.is_idle(now, self.config.idle_evict_s)
-        ]
+    def _starving(self, model: ModelInfo) -> bool:
+        """Its oldest request has waited `max_activation_wait_s` for it: busy models may make room."""
+        bound = self.config.max_activation_wait_s
+        return bound is not None and model.waiting_s >= bound
+
+    def _evictable(self, now: float, layout: Layout, device_id: str, busy_too: bool = False) -> list[ModelInfo]:
+        """Idle models; with `busy_too`, also busy ones that have been active at least `max_activation_wait_s`
+        (each model keeps the device that long: models waiting in turn take it in turn, never thrashing)."""
+        def takeable(m: ModelInfo) -> bool:
+            if busy_too:
+                return m.activated_s is not None and now - m.activated_s >= self.config.max_activation_wait_s
+            return m.is_idle(now, self.config.idle_evict_s)
+
+        return [m for m in layout.models_on(device_id)
+                if m.state is ModelState.ACTIVE and not m.pinned and m.also_on is None and takeable(m)]
 
     # --- eviction when memory is needed -----------------------------------------------------------
 
@@ -220,7 +236,11 @@ class GlobalScheduler:
         for action in actions:
             if isinstance(action, Evict):
                 victim = state.model(action.model)
-                assert not victim.pinned and victim.num_inflight == 0, f"policy evicted a busy or pinned model: {action}"
+                assert not victim.pinned, f"policy evicted a pinned model: {action}"
+                bound = self.config.max_activation_wait_s
+                assert victim.num_inflight == 0 or (bound is not None and any(
+                    isinstance(a, Activate) and state.model(a.model).waiting_s >= bound for a in actions)), \
+                    f"policy evicted a busy model for no model starving past the wait bound: {action}"
             if isinstance(action, Migrate):
                 assert not state.model(action.model).pinned, f"policy migrated a pinned model: {action}"
             if isinstance(action, (Activate, Migrate)):

@@ -25,6 +25,8 @@ class PlacementConfig:
     eviction: EvictionCost
     kv_high_watermark: float = 0.9
     """A device whose KV in use passes this share of its non-weight memory needs memory: an idle model goes."""
+    max_activation_wait_s: float | None = None
+    """A model waiting this long for its activation may evict busy models (drained first); None: idle only."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ def model(
     kv_gb_in_use: float = 0.0,
     preferred_device: str | None = None,
     activated_s: float | None = None,
+    waiting_s: float = 0.0,
 ) -> ModelInfo:
     """A model whose `demand` is exactly the given number: 1 KV byte per token, TPOT SLO 1 s."""
     return ModelInfo(
@@ -49,6 +50,7 @@ def model(
         kv_bytes_in_use=int(kv_gb_in_use * GB),
         preferred_device=preferred_device,
         activated_s=activated_s,
+        waiting_s=waiting_s,
     )
 
 

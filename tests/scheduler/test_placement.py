@@ -85,6 +85,52 @@ def test_never_evicts_pinned_busy_or_recently_used_models_and_retries_once_one_t
     assert global_scheduler.plan(now + 40, state) == [Evict("recent", "g0", "make room for new"), Activate("new", "g0")]
 
 
+def busy_residents(now: float, waiting_s: float) -> ClusterState:
+    """A device full of busy models (the 8B-and-3Bs head of a popularity law) and a tail model waiting."""
+    return cluster(
+        [device("g0", 40)],
+        [
+            model("big", weight_gb=16, on="g0", num_inflight=9, request_rate=1.0, last_arrival_s=now, activated_s=now - 300),
+            model("mid", weight_gb=6, on="g0", num_inflight=3, request_rate=0.5, last_arrival_s=now, activated_s=now - 300),
+            model("fresh", weight_gb=6, on="g0", num_inflight=1, request_rate=0.5, last_arrival_s=now, activated_s=now - 4),
+            model("pinned", weight_gb=10, on="g0", num_inflight=1, pinned=True, last_arrival_s=now, activated_s=now - 300),
+            model("tail", weight_gb=2.5, num_inflight=4, waiting_s=waiting_s),
+        ],
+    )
+
+
+def test_a_model_starving_behind_busy_residents_takes_the_memory_of_one_after_the_wait_bound():
+    """Regression (the GPU chaos run): placement evicted only idle models, so with every resident busy the tail
+    models were never activated; 362 requests waited their whole 120 s and got 504. Past the wait bound a
+    busy model active at least that long is evicted (drained first), the cheapest to reload: not the one
+    activated 4 s ago, never a pinned one."""
+    now = 1000.0
+    global_scheduler = scheduler(max_activation_wait_s=10.0)
+    assert global_scheduler.plan(now, busy_residents(now, waiting_s=9.0)) == []  # waits, as before
+    assert global_scheduler.plan(now, busy_residents(now, waiting_s=10.0)) == [
+        Evict("mid", "g0", "make room for tail"), Activate("tail", "g0")]
+
+
+def test_without_a_wait_bound_busy_models_are_never_evicted():
+    now = 1000.0
+    assert scheduler(max_activation_wait_s=None).plan(now, busy_residents(now, waiting_s=600.0)) == []
+
+
+def test_models_starving_in_turn_take_the_device_in_turn_not_back_at_once():
+    """The model that made room starts a slice of at least the wait bound: the one it evicted, waiting in its
+    turn, cannot take the memory back until then."""
+    now = 1000.0
+    global_scheduler = scheduler(max_activation_wait_s=10.0)
+    state = cluster([device("g0", 10)], [model("a", weight_gb=8, on="g0", num_inflight=2, activated_s=now - 60, last_arrival_s=now),
+                                         model("b", weight_gb=8, num_inflight=2, waiting_s=12.0)])
+    actions = global_scheduler.plan(now, state)
+    assert actions == [Evict("a", "g0", "make room for b"), Activate("b", "g0")]
+    swapped = cluster([device("g0", 10)], [model("a", weight_gb=8, num_inflight=2, waiting_s=15.0),
+                                           model("b", weight_gb=8, on="g0", num_inflight=2, activated_s=now, last_arrival_s=now)])
+    assert global_scheduler.plan(now + 5, swapped) == []
+    assert global_scheduler.plan(now + 10, swapped) == [Evict("b", "g0", "make room for a"), Activate("a", "g0")]
+
+
 def test_kv_pressure_evicts_the_cheapest_idle_model_only_past_the_watermark():
     now = 1000.0
 
