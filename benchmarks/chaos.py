@@ -21,7 +21,7 @@ What must hold, and is reported:
   * after each kill the worker is replaced: `recovered_s` is the time from the kill to a health report
     with a new worker pid and every worker ready;
   * after the traffic, once every model is prepared again: each pool is at its idle level (no request's KV
-    pages, no capture scratch, every other mapped page a resident model's weights) and holds as many virtual address
+    blocks, no capture scratch, every mapped page a model's weights or KV) and holds as many virtual address
     reservations, of as many bytes, as before the first kill; the server's weight images in /dev/shm (the
     host store) are as many as before the first kill (a restarted worker maps the images that outlived its
     predecessor); after SIGTERM, none is left.
@@ -174,19 +174,28 @@ def images(server_pid: int) -> list[str]:
 
 
 def pool_levels(base_url: str) -> dict:
-    """Each worker's pool as an idle comparison needs it: pages by use, and its virtual address reservations."""
-    return {wid: {"pages_mapped": w["pool"]["pages_mapped"], "weight_pages": sum(w["pool"]["weight_pages_by_model"].values()),
-                  "kv_pages": w["pool"]["kv_pages_by_model"], "scratch_pages": w["pool"]["scratch_pages"],
-                  "ranges_reserved": w["pool"]["ranges_reserved"], "va_bytes_reserved": w["pool"]["va_bytes_reserved"]}
-            for wid, w in health(base_url)["workers"].items()}
+    """Each worker's pool as an idle comparison needs it: pages by use, KV blocks in use by model, the models
+    whose CUDA graphs are captured, and the virtual address reservations."""
+    levels = {}
+    for wid, w in health(base_url)["workers"].items():
+        models = w.get("models", {})
+        levels[wid] = {
+            "pages_mapped": w["pool"]["pages_mapped"], "weight_pages": sum(w["pool"]["weight_pages_by_model"].values()),
+            "kv_pages": w["pool"]["kv_pages_by_model"], "scratch_pages": w["pool"]["scratch_pages"],
+            "kv_blocks_used": {name: m["num_kv_blocks_used"] for name, m in models.items() if m.get("num_kv_blocks_used")},
+            "with_graphs": sorted(name for name, m in models.items() if m.get("graphs_captured")),
+            "ranges_reserved": w["pool"]["ranges_reserved"], "va_bytes_reserved": w["pool"]["va_bytes_reserved"],
+        }
+    return levels
 
 
 def at_idle_level(before: dict, after: dict) -> bool:
-    """No request's KV (an active model with CUDA graphs keeps one KV block mapped for its graphs' padded rows:
-    a page), no capture scratch, every other mapped page a resident model's weights, and the virtual address
-    reservations of before the first kill."""
+    """No request's KV blocks (a model with CUDA graphs keeps one for its graphs' padded rows; mapped pages that
+    no block uses may stay, as the KV space's hysteresis keeps them, for the pool to reclaim), no capture
+    scratch, every mapped page a model's weights or KV, and the virtual address reservations of before the
+    first kill."""
     return before.keys() == after.keys() and all(
-        all(n <= 1 for n in a["kv_pages"].values()) and not a["scratch_pages"]
+        all(n <= (name in a["with_graphs"]) for name, n in a["kv_blocks_used"].items()) and not a["scratch_pages"]
         and a["pages_mapped"] == a["weight_pages"] + sum(a["kv_pages"].values())
         and (a["ranges_reserved"], a["va_bytes_reserved"]) == (before[w]["ranges_reserved"], before[w]["va_bytes_reserved"])
         for w, a in after.items())

@@ -61,6 +61,7 @@ class Result:
     tpot_s: float | None = None
     num_tokens: int = 0
     error: str | None = None
+    lost: bool = False  # answered 200 but its stream ended without [DONE] and without an error: lost silently
 
 
 # --- traces ------------------------------------------------------------------------------------------
@@ -124,12 +125,15 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRe
             "ignore_eos": True, "temperature": 0, "stream": True}
     result = Result(model, time.perf_counter())
     first = last = None
+    streaming = False
     try:
         async with client.stream("POST", url + "/v1/completions", json=body, timeout=timeout_s) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return result
+            streaming, done = True, False
             async for line in sse_lines(response):
+                done = done or line == b"data: [DONE]"
                 if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -143,6 +147,11 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: TraceRe
                     result.num_tokens += 1
     except (httpx.HTTPError, asyncio.TimeoutError, ValueError) as exc:  # ValueError: a chunk that is not JSON
         result.error = f"{type(exc).__name__}: {exc}"
+        # Lost: a stream the server dropped, or a request it never answered within the client's timeout.
+        result.lost = streaming or isinstance(exc, (httpx.TimeoutException, asyncio.TimeoutError))
+        return result
+    if not done:
+        result.error, result.lost = "the stream ended without [DONE] and without an error", True
         return result
     if first is not None:
         result.ttft_s = first - result.sent_s
@@ -237,7 +246,8 @@ async def calibrate(url: str, models: list[str], jobs: list[tuple[TraceRequest, 
     rng = random.Random(0)
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         for model in models:
-            mine = [r for r, m in jobs if m == model][:num] or [TraceRequest(0, 0, 128, 64)]
+            own = [r for r, m in jobs if m == model] or [TraceRequest(0, 0, 128, 64)]
+            mine = (own * -(-num // len(own)))[:num]  # its trace's requests, again from the start if it has fewer
             for length in (16, 37, 100, 300):  # activation, and kernels compiled for several prompt shapes
                 await send(client, url, model, TraceRequest(0, 0, length, 4), rng, timeout_s)
             results = [await send(client, url, model, TraceRequest(0, 0, r.prompt_len, min(r.output_len, 128)), rng, timeout_s) for r in mine]
@@ -267,6 +277,7 @@ def summarize(results: list[Result], slos: dict[str, dict], slo_scale: float, wa
         per_model[model] = {
             "requests": len(mine),
             "errors": sum(r.error is not None for r in mine),
+            "lost": sum(r.lost for r in mine),
             "error_messages": sorted({r.error for r in mine if r.error is not None})[:5],
             "ttft_slo_s": ttft_slo,
             "tpot_slo_s": tpot_slo,
@@ -288,6 +299,7 @@ def summarize(results: list[Result], slos: dict[str, dict], slo_scale: float, wa
     # by 0.2-0.5%, so say how sure it is before reading a threshold off it.
     overall["ttft_attainment_ci95"] = wilson_interval(round(overall["ttft_attainment"] * total), total)
     overall["errors"] = sum(m["errors"] for m in per_model.values())
+    overall["lost"] = sum(m["lost"] for m in per_model.values())
     overall["goodput_rps"] = sum(m["goodput_rps"] for m in per_model.values())
     return {"per_model": per_model, "overall": overall}
 

@@ -39,7 +39,8 @@ def test_chaos_kills_the_worker_under_traffic_and_nothing_hangs_or_is_lost(tmp_p
     assert [k["kind"] for k in result["kills"]] == ["mid-activation", "mid-request"]
     assert all(0 < k["recovered_s"] < 180 for k in result["kills"])
     before, after = result["pool_before_kills"]["cpu"], result["pool_after"]["cpu"]
-    assert after["kv_pages"] == {} and after["scratch_pages"] == 0 and after["pages_mapped"] == after["weight_pages"] > 0  # no graphs on the CPU
+    assert after["kv_blocks_used"] == {} and after["scratch_pages"] == 0 and after["weight_pages"] > 0  # no graphs on the CPU
+    assert after["pages_mapped"] == after["weight_pages"] + sum(after["kv_pages"].values())
     assert (after["ranges_reserved"], after["va_bytes_reserved"]) == (before["ranges_reserved"], before["va_bytes_reserved"])
     assert before["ranges_reserved"] > 0 and result["left_in_dev_shm_after_exit"] == []
     assert result["activations"]["ok"] > 0 and result["activations_per_minute"] > 0, "the budget holds two of three models: they swap"
