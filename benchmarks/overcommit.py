@@ -22,7 +22,7 @@ Honest statistics (issue 21):
     run held 99% TTFT and 90% TPOT attainment (a point that holds above one that failed does not count).
 
 Policies, as operators run them: `prism` (the registry's scheduler), `static` (separate instances: the
-models that fit are placed once with fixed KV shares, the rest are never served), `swap` (Ollama's
+models that fit are placed once with fixed KV shares, the rest get a 503 at once), `swap` (Ollama's
 defaults: up to 3 models per device, least recently used out, unloaded after 5 idle minutes).
 Writes JSON (command, date, card; `ceilings`, `weights_over_pool`, `lost_requests`) and a plot.
 """

@@ -173,6 +173,9 @@ class ModelManager:
                     raise Unavailable(f"model {model!r} cannot be activated: {runtime.error}", retry_after_s=30)
                 if runtime.state is ModelState.INACTIVE and time.monotonic() >= runtime.retry_after_s:
                     await self._decide(lambda state: self._arrival(model, state), "request")
+                if runtime.state is ModelState.INACTIVE and self.global_scheduler.unplaced(model):
+                    raise Unavailable(f"model {model!r} is not served: static partitioning gave every device's memory to the "
+                                      "models that fit (scheduler.policy: static)", retry_after_s=60)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise Unavailable(f"model {model!r} is not available yet ({runtime.state.value}); retry later", retry_after_s=5)

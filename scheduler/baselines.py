@@ -4,8 +4,8 @@
   with `gpu_memory_utilization` splits. Models are assigned once, the first time the policy sees
   them: the registry's preferred device if it fits, else the device with the most memory left, larger
   models first. All assigned models are activated at once, whatever their traffic; nothing is ever
-  evicted or migrated. A model that fits nowhere is never placed: its requests wait (the controller
-  should fail them fast, e.g. 503); `StaticPlacement.assignment` says which models are placed.
+  evicted or migrated. A model that fits nowhere is never placed (`unplaced`): the controller fails its
+  requests at once with a 503 saying so, as a request to an instance nobody started would fail.
 - `swap`: load on demand with at most `max_models_per_device` resident per device, as Ollama or
   llama-swap. A request for a non-resident model takes a free slot, else unloads the least recently
   used model that has no request in flight; models idle for `swap_keep_alive_s` are unloaded.
@@ -28,6 +28,7 @@ class StaticPlacement:
         self.assignment: dict[str, str] = {}  # model -> device, decided once
         self.kv_budget_bytes: dict[str, int] = {}
         self._reserved: dict[str, int] = {}  # device -> bytes promised (weights + KV shares)
+        self._seen: set[str] = set()  # models the assignment has considered
 
     def plan(self, now: float, state: ClusterState, history: PlacementHistory) -> list[Action]:
         self._assign_new(state)
@@ -39,6 +40,10 @@ class StaticPlacement:
             return []
         return [self._activation(model)]
 
+    def unplaced(self, name: str) -> bool:
+        """Assigned no device for good (static partitioning gave the memory to the models that fit)."""
+        return name in self._seen and name not in self.assignment
+
     def _activation(self, model: ModelInfo) -> Activate:
         return Activate(model.name, self.assignment[model.name], self.kv_budget_bytes[model.name])
 
@@ -48,6 +53,7 @@ class StaticPlacement:
         for device_id in memory:
             self._reserved.setdefault(device_id, 0)
         new = [m for m in state.models if m.name not in self.assignment]
+        self._seen.update(m.name for m in new)
         placed: dict[str, list[ModelInfo]] = {d: [] for d in memory}
         for model in sorted(new, key=lambda m: (-m.weight_bytes, m.name)):
             device_id = self._device_for(model, memory, placed)

@@ -227,6 +227,11 @@ class GlobalScheduler:
     def plan(self, now: float, state: ClusterState) -> list[Action]:
         return self._commit(now, state, self.policy.plan(now, state, self.history))
 
+    def unplaced(self, model: str) -> bool:
+        """Whether the policy will never place `model` (static partitioning's models that fit nowhere)."""
+        unplaced = getattr(self.policy, "unplaced", None)
+        return unplaced is not None and unplaced(model)
+
     def on_arrival(self, now: float, model: str, state: ClusterState, *, dry_run: bool = False) -> list[Action]:
         """Actions for a request to `model` (empty if it is resident or must wait). `dry_run`: remember nothing."""
         actions = self.policy.on_arrival(now, state.model(model), state, self.history)

@@ -33,7 +33,10 @@ def test_static_activates_everything_once_with_fixed_kv_shares_and_honours_prefe
         Activate("b", "g1", kv_budget_bytes=60 * GB),
         Activate("c", "g0", kv_budget_bytes=20 * GB),
     ]
-    assert static().on_arrival(0.0, "huge", state) == []  # fits nowhere: never placed, requests wait
+    policy = static()
+    assert policy.on_arrival(0.0, "huge", state) == []  # fits nowhere: never placed
+    assert policy.unplaced("huge") and not policy.unplaced("a")
+    assert not static().unplaced("huge"), "before the assignment has seen a model, nothing is known of it"
 
 
 def test_static_never_evicts_or_migrates_whatever_the_load():
