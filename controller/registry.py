@@ -145,7 +145,9 @@ class SchedulerConfig(_Strict):
     policy: Literal["prism", "static", "swap"] = "prism"
     """Placement and eviction policy: `prism` (default), or the `static` / `swap` baselines."""
     idle_evict_s: float = Field(45.0, gt=0)
-    """A model idle this long may be evicted when its memory is needed (Prism: < 40 s thrashes)."""
+    """A model idle this long may be evicted when its memory is needed (Prism: < 40 s thrashes). One idle
+    at least its own reload time may go sooner, when no model reaches this while a waiting request can
+    still meet its TTFT SLO (waiting longer would only make the request late)."""
     max_idle_s: float | None = Field(None, gt=0)
     """Evict a model idle this long even when nobody needs its memory; none (default): never."""
     rate_window_s: float = Field(60.0, gt=0)

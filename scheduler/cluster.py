@@ -62,10 +62,14 @@ class ModelInfo:
         """Its weights occupy `device_id` (loading, loaded, or not yet unloaded)."""
         return self.device_id is not None and self.state is not ModelState.INACTIVE
 
+    def idle_for(self, now: float) -> float:
+        """Seconds since its last arrival or activation, whichever is later."""
+        since_activation = float("inf") if self.activated_s is None else now - self.activated_s
+        return min(self.rates.idle_s(now), since_activation)
+
     def is_idle(self, now: float, idle_s: float) -> bool:
         """No request in flight, and neither an arrival nor an activation for `idle_s` seconds."""
-        since_activation = float("inf") if self.activated_s is None else now - self.activated_s
-        return self.num_inflight == 0 and min(self.rates.idle_s(now), since_activation) >= idle_s
+        return self.num_inflight == 0 and self.idle_for(now) >= idle_s
 
 
 @dataclass(frozen=True)

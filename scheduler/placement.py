@@ -11,7 +11,10 @@ them out. Policies, selectable by name:
     idle models are evicted on the device where that is cheapest in expected cost (reload time x
     chance of re-arrival within a horizon): never pinned models, never models with requests in
     flight, never models idle for less than `idle_evict_s`. If that is not possible the requests
-    wait and the next cycle retries (at the latest when a model turns idle). A model whose oldest
+    wait and the next cycle retries (at the latest when a model turns idle). Unless a model turns idle
+    for `idle_evict_s` while the waiting request can still meet its TTFT SLO after the reload, models
+    idle for at least their own reload time may go too: waiting longer only makes the request late (with
+    reloads of tenths of a second, the paper's 40 s threshold leaves every swap-in to miss). A model whose oldest
     request has waited `max_activation_wait_s` comes first and may also evict busy models active at
     least that long (drained first; cheapest expected cost again): without it, a registry larger than
     the GPU starves every model outside the resident set while the residents stay busy (the GPU chaos
@@ -111,22 +114,37 @@ class PrismPlacement:
             return []
         needed = model.weight_bytes + self.config.pressure.reserve_bytes(model) - layout.free_bytes(device_id)
         victims = self.config.eviction.cheapest_victims(self._evictable(now, layout, device_id), needed, now)
+        if victims is None and not self._worth_waiting(now, model, layout, device_id):
+            victims = self.config.eviction.cheapest_victims(self._evictable(now, layout, device_id, short_idle=True), needed, now)
         if victims is None and self._starving(model):
             victims = self.config.eviction.cheapest_victims(self._evictable(now, layout, device_id, busy_too=True), needed, now)
         return victims
+
+    def _worth_waiting(self, now: float, model: ModelInfo, layout: Layout, device_id: str) -> bool:
+        """Whether a model on the device turns idle for `idle_evict_s` (a cheaper victim: it is less likely to
+        be needed again soon) while `model`'s oldest request can still meet its TTFT SLO after the reload.
+        If none does, waiting only makes the request late: models idle at least their own reload time go."""
+        slack = model.ttft_slo_s - self.config.eviction.reload_s(model) - model.waiting_s
+        return slack > 0 and any(
+            m.state is ModelState.ACTIVE and not m.pinned and m.also_on is None and m.num_inflight == 0
+            and self.config.idle_evict_s - m.idle_for(now) <= slack
+            for m in layout.models_on(device_id))
 
     def _starving(self, model: ModelInfo) -> bool:
         """Its oldest request has waited `max_activation_wait_s` for it: busy models may make room."""
         bound = self.config.max_activation_wait_s
         return bound is not None and model.waiting_s >= bound
 
-    def _evictable(self, now: float, layout: Layout, device_id: str, busy_too: bool = False) -> list[ModelInfo]:
-        """Idle models; with `busy_too`, also busy ones that have been active at least `max_activation_wait_s`
-        (each model keeps the device that long: models waiting in turn take it in turn, never thrashing)."""
+    def _evictable(self, now: float, layout: Layout, device_id: str, busy_too: bool = False,
+                   short_idle: bool = False) -> list[ModelInfo]:
+        """Models idle for `idle_evict_s`; with `short_idle`, idle for as long as their own reload takes (less
+        is likely a pause within a burst); with `busy_too`, also busy ones that have been active at least
+        `max_activation_wait_s` (each model keeps the device that long: models waiting in turn take it in
+        turn, never thrashing)."""
         def takeable(m: ModelInfo) -> bool:
             if busy_too:
                 return m.activated_s is not None and now - m.activated_s >= self.config.max_activation_wait_s
-            return m.is_idle(now, self.config.idle_evict_s)
+            return m.is_idle(now, self.config.eviction.reload_s(m) if short_idle else self.config.idle_evict_s)
 
         return [m for m in layout.models_on(device_id)
                 if m.state is ModelState.ACTIVE and not m.pinned and m.also_on is None and takeable(m)]

@@ -169,8 +169,12 @@ class EvictionCost:
             rate = 0.0 if math.isinf(idle_s) else 1.0 / max(idle_s, 1e-9)
         return 1.0 - math.exp(-rate * self.horizon_s)
 
+    def reload_s(self, model: ModelInfo) -> float:
+        """Time to load its weights onto a device."""
+        return model.weight_bytes / self.load_bytes_per_s
+
     def of(self, model: ModelInfo, now: float) -> float:
-        return model.weight_bytes / self.load_bytes_per_s * self.rearrival_probability(model.rates, now)
+        return self.reload_s(model) * self.rearrival_probability(model.rates, now)
 
     def cheapest_victims(self, candidates: Sequence[ModelInfo], bytes_needed: int, now: float) -> list[ModelInfo] | None:
         """The set of candidates freeing at least `bytes_needed` at the lowest total expected cost.

@@ -68,21 +68,22 @@ def test_eviction_picks_the_lowest_expected_cost_not_the_least_recently_used():
     assert scheduler().on_arrival(now, "new", state) == [Evict("rare", "g0", "make room for new"), Activate("new", "g0")]
 
 
-def test_never_evicts_pinned_busy_or_recently_used_models_and_retries_once_one_turns_idle():
+def test_never_evicts_pinned_busy_or_mid_burst_models_and_retries_once_one_pauses():
+    """A model idle for less than its own reload time (here 0.6 s) is taken to be within a burst."""
     now = 1000.0
     state = cluster(
         [device("g0", 60)],
         [
             model("pinned", weight_gb=20, on="g0", pinned=True, last_arrival_s=0.0),
             model("busy", weight_gb=20, on="g0", num_inflight=2, last_arrival_s=0.0),
-            model("recent", weight_gb=15, on="g0", last_arrival_s=now - 10),
+            model("recent", weight_gb=15, on="g0", last_arrival_s=now - 0.2),
             model("new", weight_gb=10, num_inflight=1),
         ],
     )
     global_scheduler = scheduler(idle_evict_s=45.0)
     assert global_scheduler.on_arrival(now, "new", state) == []  # the request waits
-    assert global_scheduler.plan(now + 20, state) == []
-    assert global_scheduler.plan(now + 40, state) == [Evict("recent", "g0", "make room for new"), Activate("new", "g0")]
+    assert global_scheduler.plan(now + 0.3, state) == []
+    assert global_scheduler.plan(now + 1.0, state) == [Evict("recent", "g0", "make room for new"), Activate("new", "g0")]
 
 
 def busy_residents(now: float, waiting_s: float) -> ClusterState:
@@ -293,10 +294,30 @@ def test_unknown_names_are_caller_errors():
 
 def test_a_fresh_activation_is_not_idle_even_without_arrivals():
     now = 1000.0
-    fresh = model("fresh", weight_gb=30, on="g0", activated_s=now - 10)
-    state = cluster([device("g0", 50)], [fresh, model("new", weight_gb=30, num_inflight=1)])
+    fresh = model("fresh", weight_gb=30, on="g0", activated_s=now - 0.5)  # less than its 1.2 s reload ago
+    state = cluster([device("g0", 35)], [fresh, model("new", weight_gb=10, num_inflight=1)])  # 0.4 s to load: 0.6 s of slack
     assert scheduler().on_arrival(now, "new", state) == []
     assert scheduler().on_arrival(now + 40, "new", state) == [Evict("fresh", "g0", "make room for new"), Activate("new", "g0")]
+
+
+def test_a_waiting_request_evicts_a_model_idle_for_its_reload_time_unless_a_long_idle_one_comes_within_its_slack():
+    """Found by the CPU overcommit run: with three SmolLM2 copies in a pool for one (0.2 s to activate),
+    prism let each request for a non-resident model wait for a resident to be idle `idle_evict_s` (2 s),
+    missing its TTFT SLO, while swap evicted at once (TTFT attainment 0.44 against swap's 0.76). Now a
+    model idle at least its own reload time may go, unless one turns idle for `idle_evict_s` within the
+    waiting request's slack (TTFT SLO 1 s less a 0.4 s reload)."""
+    now = 1000.0
+
+    def state(waiting_s: float, idle_s: float) -> ClusterState:
+        return cluster([device("g0", 15)], [model("resident", weight_gb=10, on="g0", activated_s=now - 600, last_arrival_s=now - idle_s),
+                                            model("new", weight_gb=10, num_inflight=1, waiting_s=waiting_s)])
+
+    global_scheduler = scheduler(idle_evict_s=45.0)
+    evict = [Evict("resident", "g0", "make room for new"), Activate("new", "g0")]
+    assert global_scheduler.plan(now, state(waiting_s=0.0, idle_s=3.0)) == evict  # 42 s from long-idle: no use waiting
+    assert global_scheduler.plan(now, state(waiting_s=0.0, idle_s=44.5)) == []  # long-idle within the 0.6 s of slack
+    assert global_scheduler.plan(now, state(waiting_s=0.6, idle_s=44.5)) == evict  # the slack is spent
+    assert global_scheduler.plan(now, state(waiting_s=0.0, idle_s=0.2)) == []  # idle for less than its 0.4 s reload: mid-burst
 
 
 def test_preferred_device_wins_when_it_fits_without_evicting():
