@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import fcntl
 import json
+import os
 import time
 from pathlib import Path
 
@@ -170,6 +171,21 @@ def gpu_spec(cuda_graphs: bool) -> m.ModelSpec:
                        tpot_slo_s=0.2, seed=5, cuda_graphs=cuda_graphs)
 
 
+def gpu_store() -> HostWeightStore:
+    """A host store in /dev/shm under this test process's own prefix: a fresh one over the same files is what
+    a restarted worker opens."""
+    return HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
+
+
+def gpu_loop(store: HostWeightStore, idle_before_capture_s: float = 0.0) -> DeviceLoop:
+    """A device loop on cuda:0 with a 6 GiB pool and the prism local policy."""
+    from memory import PagePool
+    from memory.cuda_backend import CudaBackend
+
+    return DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
+                      tpot_target="request", overlap_steps=True, idle_before_capture_s=idle_before_capture_s)
+
+
 def generate(loop: DeviceLoop, prompts: list[list[int]]) -> list[list[int]]:
     params = m.SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
     for i, prompt in enumerate(prompts):
@@ -189,20 +205,14 @@ def generate(loop: DeviceLoop, prompts: list[list[int]]) -> list[list[int]]:
 
 @pytest.mark.gpu
 def test_gpu_graphs_captured_ahead_give_the_eager_tokens_and_a_reactivation_captures_nothing():
-    import os
-
     import torch
 
-    from memory import PagePool
-    from memory.cuda_backend import CudaBackend
-
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 100, 300)]
-    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
+    store = gpu_store()
     results = {}
     try:
         for graphs in (False, True):
-            loop = DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                              tpot_target="request", overlap_steps=True, idle_before_capture_s=0.0)
+            loop = gpu_loop(store)
             spec = gpu_spec(graphs)
             loop.handle(m.Prepare(spec))
             loop.settle()
@@ -232,29 +242,21 @@ def test_gpu_a_model_the_full_pool_cannot_hold_is_captured_ahead_over_the_scratc
     """Regression for the 20-model start-up on an H100 leaving two models "staged, graphs pending": a
     capture ahead mapped the model's own weight pages, which a pool full of resident models could not lend.
     Over the capture scratch it borrows a chunk and a page; the tokens after activation are the eager ones."""
-    import os
-
     import torch
 
-    from memory import MemoryKind, PagePool
-    from memory.cuda_backend import CudaBackend
+    from memory import MemoryKind
 
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 100, 300)]
-    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
-
-    def new_loop() -> DeviceLoop:
-        return DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                          tpot_target="request", overlap_steps=True, idle_before_capture_s=0.0)
-
+    store = gpu_store()
     try:
-        loop = new_loop()
+        loop = gpu_loop(store)
         eager = gpu_spec(False)
         loop.handle(m.Activate(eager))
         loop.settle()
         expected = generate(loop, prompts)
         loop.close()
 
-        loop = new_loop()
+        loop = gpu_loop(store)
         pool = loop.pool
         filler = pool.reserve_range("resident", MemoryKind.KV, 6 * 2**30)
         assert pool.map_pages(filler, range(pool.budget_pages - 200))  # 400 MiB free: far less than the weights
@@ -288,14 +290,10 @@ def test_gpu_an_eager_model_with_no_kv_block_to_spare_captures_later_instead_of_
     """Regression (the GPU chaos run): a model running eager had its graphs due while its requests held every
     KV block the pool could back; the capture raised "no KV block for the CUDA graphs' scratch space", the
     model was reported failed and ran eager for good, with a traceback in the log. Now it waits for a block."""
-    import os
+    from memory import MemoryKind
 
-    from memory import MemoryKind, PagePool
-    from memory.cuda_backend import CudaBackend
-
-    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
-    loop = DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                      tpot_target="request", overlap_steps=True, idle_before_capture_s=0.2)
+    store = gpu_store()
+    loop = gpu_loop(store, idle_before_capture_s=0.2)
     try:
         loop.handle(m.Activate(gpu_spec(True)))
         loop.settle()
@@ -327,16 +325,10 @@ def test_gpu_the_heap_freeze_after_a_capture_ahead_waits_for_idleness(monkeypatc
     """Regression for the first activation of a 1B on an H100 taking 0.12 s from the client against 0.055 s
     for a re-activation: the freeze after a capture ahead ran at the next idle turn, just as the model became
     "prepared" and its first request arrived (two full collections, ~70 ms each there)."""
-    import os
-
-    from memory import PagePool
-    from memory.cuda_backend import CudaBackend
-
     frozen = []
     monkeypatch.setattr("workers.device_loop.freeze_heap", lambda: frozen.append(time.perf_counter()) or FREEZE_REPORT)
-    store = HostWeightStore(8 * 2**30, Path("/dev/shm"), f"prism-test-{os.getpid()}-")
-    loop = DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                      tpot_target="request", overlap_steps=True, idle_before_capture_s=0.3)
+    store = gpu_store()
+    loop = gpu_loop(store, idle_before_capture_s=0.3)
     try:
         loop.handle(m.Prepare(gpu_spec(True)))
         loop.settle()
@@ -362,22 +354,16 @@ def test_gpu_a_restarted_worker_serves_from_surviving_images_before_pinning_or_c
     image and captured each model's graphs on the activation's path. Now the activation copies the unpinned
     image through bounce buffers and the model runs eager; the image is pinned (a piece at a time) and the
     graphs captured afterwards, and the tokens are the same throughout."""
-    import os
-
     import torch
 
-    from memory import PagePool, host_store
-    from memory.cuda_backend import CudaBackend
+    from memory import host_store
 
     monkeypatch.setattr(host_store, "PIN_PIECE_BYTES", 256 * 2**20)  # several pieces for a small model
     prompts = [torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 100, 300)]
-    prefix = f"prism-test-{os.getpid()}-"
     model = gpu_spec(True)
 
     def new_loop() -> DeviceLoop:  # a fresh store over the same files: what a restarted worker opens
-        store = HostWeightStore(8 * 2**30, Path("/dev/shm"), prefix)
-        return DeviceLoop("gpu", "cuda:0", PagePool(CudaBackend("cuda:0"), 6 * 2**30), store, local_policy="prism",
-                          tpot_target="request", overlap_steps=True, idle_before_capture_s=0.0)
+        return gpu_loop(gpu_store())
 
     loop = new_loop()
     try:
@@ -404,7 +390,7 @@ def test_gpu_a_restarted_worker_serves_from_surviving_images_before_pinning_or_c
     finally:
         loop.close()
         loop.store.drop_all(unlink=True)
-        for leftover in Path("/dev/shm").glob(prefix + "*"):
+        for leftover in Path("/dev/shm").glob(loop.store.prefix + "*"):
             leftover.unlink()
 
 
