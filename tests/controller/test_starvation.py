@@ -46,7 +46,7 @@ async def scenario(base_url: str) -> None:
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=90)
     first = await client.completions.create(model="busy", prompt=[5, 6, 7], max_tokens=1)
     assert first.choices[0].finish_reason == "length"
-    stop = asyncio.Event()
+    stop, both_going = asyncio.Event(), asyncio.Event()
     busy_done: list[str] = []
 
     async def keep_busy() -> None:  # no pause between requests: the model never has none in flight
@@ -54,9 +54,11 @@ async def scenario(base_url: str) -> None:
             r = await client.completions.create(model="busy", prompt=[5, 6, 7, 8], max_tokens=48,
                                                 extra_body={"min_tokens": 48, "ignore_eos": True})
             busy_done.append(r.choices[0].finish_reason)
+            if len(busy_done) >= 2:
+                both_going.set()
 
     loops = [asyncio.create_task(keep_busy()) for _ in range(2)]
-    await asyncio.sleep(0)  # the loops' first requests go out before the tail's
+    await asyncio.wait_for(both_going.wait(), 60)  # the busy model has served two of its requests and keeps sending: the tail comes now
     try:
         tail = await client.completions.create(model="tail", prompt=[9, 10, 11], max_tokens=4)
         assert tail.usage.completion_tokens == 4  # before the fix: a 504 after the 60 s request timeout
