@@ -90,6 +90,9 @@ class SwapPlacement:
     def __init__(self, config: PlacementConfig):
         self.config = config
 
+    def unplaced(self, name: str) -> bool:
+        return False  # loaded on demand
+
     def plan(self, now: float, state: ClusterState, history: PlacementHistory) -> list[Action]:
         layout = Layout.of_state(state, self.config.pressure)
         actions: list[Action] = []

@@ -73,6 +73,9 @@ class PrismPlacement:
             return []
         return self._activate(now, model, Layout.of_state(state, self.config.pressure))
 
+    def unplaced(self, name: str) -> bool:
+        return False  # any model that fits a device alone is placed, evicting others if it must
+
     def plan(self, now: float, state: ClusterState, history: PlacementHistory) -> list[Action]:
         layout = Layout.of_state(state, self.config.pressure)
         actions: list[Action] = []
@@ -247,8 +250,7 @@ class GlobalScheduler:
 
     def unplaced(self, model: str) -> bool:
         """Whether the policy will never place `model` (static partitioning's models that fit nowhere)."""
-        unplaced = getattr(self.policy, "unplaced", None)
-        return unplaced is not None and unplaced(model)
+        return self.policy.unplaced(model)
 
     def on_arrival(self, now: float, model: str, state: ClusterState, *, dry_run: bool = False) -> list[Action]:
         """Actions for a request to `model` (empty if it is resident or must wait). `dry_run`: remember nothing."""

@@ -49,3 +49,7 @@ class PlacementPolicy(Protocol):
     def on_arrival(self, now: float, model: ModelInfo, state: ClusterState, history: PlacementHistory) -> list[Action]:
         """A request arrived for `model`: activate it if it is not resident (evicting if needed), or nothing."""
         ...
+
+    def unplaced(self, name: str) -> bool:
+        """Whether the policy will never place `name` (its requests are then refused at once)."""
+        ...
