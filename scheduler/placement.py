@@ -9,9 +9,9 @@ them out. Policies, selectable by name:
     evicting, else to the device that fits its weights plus a minimum KV reserve with the lowest
     resulting pressure (`pressure.py`: KV pressure ratio with a compute term). If no device fits,
     idle models are evicted on the device where that is cheapest in expected cost (reload time x
-    chance of re-arrival within a horizon): never pinned models, never models with requests in
-    flight, never models idle for less than `idle_evict_s`. If that is not possible the requests
-    wait and the next cycle retries (at the latest when a model turns idle). Unless a model turns idle
+    chance of re-arrival within a horizon): never pinned models; models idle for `idle_evict_s`
+    first. If that is not possible the requests wait and the next cycle retries (at the latest when a
+    model turns idle). Unless a model turns idle
     for `idle_evict_s` while the waiting request can still meet its TTFT SLO after the reload, models
     idle for at least their own reload time may go too: waiting longer only makes the request late (with
     reloads of tenths of a second, the paper's 40 s threshold leaves every swap-in to miss). A model whose oldest
